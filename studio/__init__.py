@@ -1,0 +1,1 @@
+"""Portrait Studio."""

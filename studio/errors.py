@@ -1,0 +1,65 @@
+"""Every error the studio raises on purpose: what was received, what was expected, how to fix it.
+
+Only ``cli.py`` and ``web/`` turn these into exit codes or UI messages; library code raises them.
+"""
+
+from __future__ import annotations
+
+
+class StudioError(Exception):
+    """Base class: a problem the user can fix. ``str(err)`` is one line fit for a terminal."""
+
+    exit_code = 1
+
+    def __init__(self, problem: str, *, fix: str | None = None) -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(problem if fix is None else f"{problem} Fix: {fix}")
+
+
+class ConfigError(StudioError):
+    """A configuration value or file is invalid."""
+
+    exit_code = 2
+
+
+class InputError(StudioError):
+    """A user-supplied input (image, prompt, option, file) is invalid."""
+
+    exit_code = 3
+
+
+class ImageError(InputError):
+    """An image cannot be read or written safely."""
+
+
+class ModelError(StudioError):
+    """A model is unknown, missing, corrupt or not allowed."""
+
+    exit_code = 4
+
+
+class ModelNotFoundError(ModelError):
+    """A catalogued model has no file on disk."""
+
+
+class ChecksumError(ModelError):
+    """A model file's sha256 does not match the catalogue."""
+
+
+class LicenceError(ModelError):
+    """A model's licence forbids the requested use."""
+
+
+class DownloadError(ModelError):
+    """A model download failed."""
+
+
+class UnsafeFileError(ModelError):
+    """A file would need unpickling and pickle formats are not allowed."""
+
+
+class RuntimeSetupError(StudioError):
+    """The requested device or execution provider cannot be used."""
+
+    exit_code = 5
