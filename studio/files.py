@@ -64,3 +64,19 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def tree_sha256(folder: Path) -> str:
+    """Checksum of a folder: sha256 over its sorted ``relative/path\\0<file sha256>`` lines."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def tree_size(path: Path) -> int:
+    """Size in bytes of a file, or of every file below a folder."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

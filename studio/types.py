@@ -26,3 +26,8 @@ DType = Literal["auto", "float16", "bfloat16", "float32"]
 DTYPES: tuple[DType, ...] = get_args(DType)
 
 ModelStatus = Literal["present", "missing", "corrupt", "unverified"]
+
+Sampler = Literal[
+    "Euler a", "Euler", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE Karras", "DDIM", "UniPC", "LCM"
+]  # AUTOMATIC1111 sampler names
+SAMPLERS: tuple[Sampler, ...] = get_args(Sampler)

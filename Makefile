@@ -1,0 +1,21 @@
+# The two commands a fresh machine needs (see README): `make demo` and `make test`.
+# Both install what they need: uv (from PyPI) and the locked environment in .venv (uv.lock).
+UV_VERSION := 0.13.8
+UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+PROMPT ?= a 30-year-old Nordic architect, round glasses, Copenhagen sunlight
+
+.PHONY: setup demo test lint
+
+setup:
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
+	$(UV) sync --frozen
+
+demo: setup
+	$(UV) run --frozen studio generate "$(PROMPT)" --profile tiny -n 2
+
+test: setup
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen pytest
+
+lint: setup
+	$(UV) run --frozen ruff check .

@@ -1,0 +1,265 @@
+"""TOML configuration: profiles in configs/, validated once into frozen objects.
+
+Loading order (later wins): ``configs/default.toml`` → ``configs/<profile>.toml`` → an optional user
+file → ``--set section.key=value`` overrides. Every bad value is reported with its key, the value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import tomli_w
+
+from studio.errors import ConfigError
+from studio.files import write_text_atomic
+from studio.types import Device, DType, Sampler
+
+logger = logging.getLogger(__name__)
+
+OnnxProviders = Literal["auto", "cpu", "cuda", "coreml"]
+PROFILES_NOTE = "profiles are the *.toml files in the configs folder other than models.toml"
+
+
+def config_dir() -> Path:
+    """The folder holding default.toml, tiny.toml and models.toml (STUDIO_CONFIG_DIR overrides)."""
+    env = os.environ.get("STUDIO_CONFIG_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+
+
+def _range(lo: float, hi: float) -> dict[str, float]:
+    return {"min": lo, "max": hi}
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """Where model files live and how they may be loaded."""
+
+    dir: Path
+    search_paths: tuple[Path, ...] = ()
+    catalogues: tuple[Path, ...] = ()
+    tiny_kit: Path | None = None
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Device, precision and ONNX Runtime execution providers."""
+
+    device: Device = "auto"
+    dtype: DType = "auto"
+    onnx_providers: OnnxProviders = "auto"
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    """Limits on images read from users."""
+
+    max_pixels: int = field(default=40_000_000, metadata=_range(1, 1_000_000_000))
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """Stable Diffusion draft defaults."""
+
+    model: str = "sd15"
+    width: int = field(default=512, metadata=_range(64, 4096))
+    height: int = field(default=768, metadata=_range(64, 4096))
+    steps: int = field(default=30, metadata=_range(1, 500))
+    cfg: float = field(default=7.0, metadata=_range(0.0, 50.0))
+    sampler: Sampler = "DPM++ 2M Karras"
+    negative: str = ""
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Face refinement models."""
+
+    enabled: bool = True
+    detector: str = "det_10g"
+    recognizer: str = "w600k_r50"
+    swapper: str = "inswapper_128"
+    upscaler: str = "realesrgan_x2plus"
+
+
+@dataclass(frozen=True)
+class StudioConfig:
+    """The whole validated configuration."""
+
+    profile: str
+    models: ModelsConfig
+    commercial: bool = False
+    output_dir: Path = Path("outputs")
+    runtime: RuntimeConfig = RuntimeConfig()
+    images: ImagesConfig = ImagesConfig()
+    draft: DraftConfig = DraftConfig()
+    refine: RefineConfig = RefineConfig()
+
+
+def load_config(
+    profile: str = "default", *, user_file: Path | None = None, overrides: Sequence[str] = ()
+) -> StudioConfig:
+    """Load, merge and validate the configuration for ``profile``."""
+    # 1. merge the layers
+    folder = config_dir()
+    table = _read_toml(folder / "default.toml")
+    if profile != "default":
+        table = _merge(table, _read_toml(_profile_file(folder, profile)))
+    if user_file is not None:
+        table = _merge(table, _read_toml(Path(user_file)))
+    for item in overrides:
+        table = _merge(table, _parse_override(item))
+    table.pop("extends", None)
+    table["profile"] = profile
+    # 2. validate into frozen objects
+    config = _build(StudioConfig, table, prefix="")
+    logger.debug("loaded config profile=%s", profile)
+    return config
+
+
+def config_to_dict(config: StudioConfig) -> dict[str, Any]:
+    """The config as plain TOML-ready data (paths as strings, None dropped)."""
+    return _plain(dataclasses.asdict(config))
+
+
+def write_resolved_config(config: StudioConfig, path: Path) -> Path:
+    """Write the resolved config as TOML beside an output, atomically."""
+    write_text_atomic(path, tomli_w.dumps(config_to_dict(config)))
+    return path
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def _profile_file(folder: Path, profile: str) -> Path:
+    path = folder / f"{profile}.toml"
+    if profile == "models" or not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.toml") if p.stem != "models")
+        raise ConfigError(
+            f"Unknown profile {profile!r}; known profiles: {', '.join(known)}.",
+            fix=f"use --profile with one of those ({PROFILES_NOTE}).",
+        )
+    return path
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as err:
+        raise ConfigError(f"Config file {path} does not exist.", fix="check the path.") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"Config file {path} is not valid TOML: {err}.", fix="correct the syntax.") from err
+
+
+def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(
+            f"Override {item!r} is not of the form section.key=value.", fix="e.g. --set draft.steps=20."
+        )
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word is a string: --set draft.sampler=Euler
+    table: dict[str, Any] = {}
+    node = table
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return table
+
+
+def _build(cls: type, table: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"Config key {prefix.rstrip('.')} must be a table, got {table!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"Unknown config key {prefix}{unknown[0]}; known keys here: {', '.join(sorted(fields))}.",
+            fix="correct the spelling or remove it.",
+        )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, spec in fields.items():
+        if name in table:
+            values[name] = _convert(table[name], hints[name], spec, f"{prefix}{name}")
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            if dataclasses.is_dataclass(hints[name]):
+                values[name] = _build(hints[name], {}, f"{prefix}{name}.")
+            else:
+                raise ConfigError(f"Config key {prefix}{name} is required.", fix="set it in the profile.")
+    return cls(**values)
+
+
+def _convert(value: Any, hint: Any, spec: dataclasses.Field, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (types.UnionType, typing.Union):  # X | None
+        inner = next(a for a in args if a is not type(None))
+        return None if value in (None, "") else _convert(value, inner, spec, key)
+    if origin is Literal:
+        if value not in args:
+            _bad(key, value, "one of " + ", ".join(repr(a) for a in args))
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            _bad(key, value, "a list")
+        return tuple(_convert(v, args[0], spec, key) for v in value)
+    return _scalar(value, hint, spec, key)
+
+
+def _scalar(value: Any, hint: Any, spec: dataclasses.Field, key: str) -> Any:
+    if hint is bool:
+        if not isinstance(value, bool):
+            _bad(key, value, "true or false")
+        return value
+    if hint in (int, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok or (hint is int and not float(value).is_integer()):
+            _bad(key, value, "an integer" if hint is int else "a number")
+        lo, hi = spec.metadata.get("min"), spec.metadata.get("max")
+        if lo is not None and not lo <= value <= hi:
+            _bad(key, value, f"a number from {lo} to {hi}")
+        return hint(value)
+    if hint is Path:
+        if not isinstance(value, str):
+            _bad(key, value, "a path string")
+        return Path(os.path.expandvars(value)).expanduser()
+    if not isinstance(value, str):
+        _bad(key, value, "a string")
+    return value
+
+
+def _bad(key: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ConfigError(
+        f"Config key {key} has value {value!r}; allowed: {allowed}.",
+        fix=f"change it in the profile or pass --set {key}=<value>.",
+    )

@@ -1,0 +1,98 @@
+"""Device, dtype and ONNX Runtime provider choice; sessions report the providers actually in use.
+
+A requested accelerator that cannot be used is an error, never a silent fall-back to the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+import torch
+
+from studio.config import OnnxProviders, RuntimeConfig
+from studio.errors import RuntimeSetupError
+from studio.types import Device
+
+logger = logging.getLogger(__name__)
+
+_PROVIDER_NAMES: dict[OnnxProviders, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+_GPU_HINT = (
+    "install the GPU runtime with `uv sync --extra gpu` (onnxruntime-gpu; remove the CPU onnxruntime "
+    'wheel, which shadows it) and check the CUDA/cuDNN libraries, or set runtime.onnx_providers = "cpu".'
+)
+
+
+def choose_device(requested: Device) -> torch.device:
+    """cuda > mps > cpu for "auto"; an explicitly requested device must be available."""
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if requested == "auto":
+        return torch.device(next(name for name, ok in available.items() if ok))
+    if not available[requested]:
+        raise RuntimeSetupError(
+            f"runtime.device = {requested!r} but torch reports no {requested} device "
+            f"(torch {torch.__version__}).",
+            fix='use runtime.device = "auto" or "cpu", or install a torch build for your accelerator.',
+        )
+    return torch.device(requested)
+
+
+def choose_dtype(config: RuntimeConfig, device: torch.device) -> torch.dtype:
+    """float16 on cuda, float32 elsewhere, unless the config names a dtype."""
+    if config.dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, config.dtype)
+    if device.type == "cpu" and dtype == torch.float16:
+        raise RuntimeSetupError(
+            "runtime.dtype = 'float16' on the CPU: half-precision kernels are missing or very slow there.",
+            fix='use runtime.dtype = "auto" or "float32" on the CPU.',
+        )
+    return dtype
+
+
+def onnx_providers(requested: OnnxProviders) -> list[str]:
+    """The provider list to ask ONNX Runtime for."""
+    available = ort.get_available_providers()
+    if requested == "auto":
+        preferred = [p for p in ("CUDAExecutionProvider", "CoreMLExecutionProvider") if p in available]
+        return [*preferred[:1], "CPUExecutionProvider"]
+    name = _PROVIDER_NAMES[requested]
+    if name not in available:
+        raise RuntimeSetupError(
+            f"runtime.onnx_providers = {requested!r} but this onnxruntime {ort.__version__} offers only "
+            f"{', '.join(available)}.",
+            fix=_GPU_HINT if requested == "cuda" else 'use runtime.onnx_providers = "auto".',
+        )
+    return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+
+
+def check_session_providers(session: Any, requested: Sequence[str], model: Path) -> list[str]:
+    """Log the providers a session really uses; an accelerator asked for but not active is an error."""
+    active = list(session.get_providers())
+    logger.info("%s runs on %s", Path(model).name, ", ".join(active))
+    lost = [p for p in requested if p != "CPUExecutionProvider" and p not in active]
+    if lost:
+        raise RuntimeSetupError(
+            f"{Path(model).name}: requested {', '.join(lost)} but ONNX Runtime fell back to "
+            f"{', '.join(active)}.",
+            fix=_GPU_HINT,
+        )
+    return active
+
+
+def create_session(model: Path, requested: Sequence[str]) -> ort.InferenceSession:
+    """An ORT session for ``model`` on exactly the requested providers."""
+    session = ort.InferenceSession(str(model), providers=list(requested))
+    check_session_providers(session, requested, model)
+    return session

@@ -1,0 +1,85 @@
+"""The model catalogue: schema validation, real entries, licence policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from studio.config import config_dir, load_config
+from studio.errors import ConfigError, LicenceError, ModelError
+from studio.models.catalogue import ensure_allowed, load_catalogue, read_catalogue_file
+from studio.types import MODEL_KINDS
+
+REAL = {
+    "sd15",
+    "sdxl",
+    "controlnet_openpose_sd15",
+    "det_10g",
+    "w600k_r50",
+    "inswapper_128",
+    "realesrgan_x2plus",
+    "realesrgan_x4plus",
+}
+
+
+def test_real_catalogue_has_every_product_model() -> None:
+    catalogue = load_catalogue(load_config("default").models)
+    assert set(catalogue) >= REAL
+    for entry in catalogue.values():
+        assert entry.kind in MODEL_KINDS
+        assert entry.size > 0 and len(entry.sha256) == 64 and entry.licence
+        assert entry.source.hf_repo or entry.source.url
+        assert not entry.is_fixture
+    assert not catalogue["inswapper_128"].commercial
+    assert catalogue["realesrgan_x4plus"].commercial
+
+
+def test_entry_lookup_by_kind_lists_choices() -> None:
+    catalogue = load_catalogue(load_config("default").models)
+    assert catalogue.entry("det_10g", "detector").filename == "det_10g.onnx"
+    with pytest.raises(ModelError, match=r"Unknown swapper model 'det_10g'.*inswapper_128"):
+        catalogue.entry("det_10g", "swapper")
+
+
+def test_commercial_setting_refuses_non_commercial_models_by_name() -> None:
+    catalogue = load_catalogue(load_config("default").models)
+    ensure_allowed([catalogue["sd15"]], commercial=True)
+    ensure_allowed([catalogue["inswapper_128"]], commercial=False)
+    with pytest.raises(LicenceError) as info:
+        ensure_allowed([catalogue["sd15"], catalogue["inswapper_128"], catalogue["det_10g"]], commercial=True)
+    assert "inswapper_128" in str(info.value) and "det_10g" in str(info.value)
+    assert "sd15" not in str(info.value).split("forbid commercial use:")[1]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ('kind = "toaster"', "kind 'toaster'"),
+        ('sha256 = "abc"', "not 64 lowercase hex"),
+        ("size = -1\nextra = 1", "unknown keys ['extra']"),
+        ('source = { ftp = "x" }', "source"),
+    ],
+)
+def test_bad_entries_are_named(tmp_path: Path, body: str, fragment: str) -> None:
+    base = {
+        "kind": '"detector"',
+        "filename": '"x.onnx"',
+        "source": '{ url = "http://127.0.0.1/x" }',
+        "sha256": '"' + "0" * 64 + '"',
+        "size": "1",
+        "licence": '"MIT"',
+        "commercial": "true",
+    }
+    for line in body.splitlines():
+        key, _, value = line.partition(" = ")
+        base[key] = value
+    path = tmp_path / "cat.toml"
+    path.write_text("[x]\n" + "\n".join(f"{k} = {v}" for k, v in base.items()))
+    with pytest.raises(ConfigError, match="entry \\[x\\]") as info:
+        read_catalogue_file(path)
+    assert fragment in str(info.value)
+
+
+def test_catalogue_file_is_in_config_dir() -> None:
+    assert (config_dir() / "models.toml").is_file()

@@ -1,0 +1,74 @@
+"""Config loading: profiles, overrides, validation messages, resolved config written to disk."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from studio.config import load_config, write_resolved_config
+from studio.errors import ConfigError
+
+
+def test_default_and_tiny_profiles_load() -> None:
+    default = load_config("default")
+    tiny = load_config("tiny")
+    assert default.draft.model == "sd15" and default.models.tiny_kit is None
+    assert tiny.draft.model == "tiny-sd15" and tiny.models.tiny_kit is not None
+    assert tiny.draft.width == 64 and tiny.profile == "tiny"
+    assert tiny.runtime == default.runtime  # tiny inherits what it does not set
+
+
+def test_overrides_are_typed_and_win() -> None:
+    config = load_config("tiny", overrides=["draft.steps=9", "draft.sampler=Euler a", "commercial=true"])
+    assert config.draft.steps == 9
+    assert config.draft.sampler == "Euler a"
+    assert config.commercial is True
+
+
+def test_user_file_layers_over_profile(tmp_path: Path) -> None:
+    user = tmp_path / "mine.toml"
+    user.write_text('[draft]\ncfg = 4.5\n[models]\nsearch_paths = ["~/ComfyUI"]\n')
+    config = load_config("tiny", user_file=user)
+    assert config.draft.cfg == 4.5
+    assert config.models.search_paths == (Path("~/ComfyUI").expanduser(),)
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("draft.steps=0", ["draft.steps", "0", "from 1 to 500"]),
+        ("draft.steps=abc", ["draft.steps", "'abc'", "an integer"]),
+        ("draft.sampler=Heun", ["draft.sampler", "'Heun'", "'DPM++ 2M Karras'"]),
+        ("runtime.device=tpu", ["runtime.device", "'tpu'", "'cuda'"]),
+        ("draft.stepz=3", ["draft.stepz", "known keys", "steps"]),
+        ("commercial=1", ["commercial", "true or false"]),
+        ("nonsense", ["section.key=value"]),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(override: str, names: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("default", overrides=[override])
+    for fragment in names:
+        assert fragment in str(info.value)
+
+
+def test_unknown_profile_lists_known_ones() -> None:
+    with pytest.raises(ConfigError, match="known profiles: default, tiny"):
+        load_config("huge")
+
+
+def test_broken_toml_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[draft\nsteps = 3")
+    with pytest.raises(ConfigError, match=r"bad\.toml is not valid TOML"):
+        load_config("default", user_file=bad)
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    config = load_config("tiny", overrides=["draft.steps=7"])
+    path = write_resolved_config(config, tmp_path / "out" / "run.toml")
+    table = tomllib.loads(path.read_text())
+    assert table["draft"]["steps"] == 7 and table["profile"] == "tiny"
+    assert not list(path.parent.glob(".*tmp"))
