@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 _CHUNK = 1 << 20
+_FILE_MODE = 0o644
 
 
 @contextlib.contextmanager
@@ -24,6 +25,7 @@ def atomic_writer(path: Path) -> Iterator[BinaryIO]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
+        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; outputs and models are shared files
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()

@@ -57,7 +57,7 @@ def pull(
         return target
     if entry.format != "file":
         raise DownloadError(f"Model {entry.name!r} is a folder; only single files can be pulled.")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if entry.source.hf_repo and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise DownloadError(
             f"Cannot download {entry.name!r}: HF_HUB_OFFLINE=1 forbids network access.",
             fix="unset HF_HUB_OFFLINE, or copy the file into a models.search_paths folder.",
@@ -65,15 +65,18 @@ def pull(
     # 2. transfer, resuming after interruptions
     url, part = source_url(entry), target.with_name(target.name + ".part")
     target.parent.mkdir(parents=True, exist_ok=True)
+    done = 0
     for attempt in range(1, attempts + 1):
-        try:
-            _transfer(url, part, entry.size, progress)
+        done = _transfer(url, part, entry.size, progress)
+        if done >= entry.size:
             break
-        except DownloadError as err:
-            if attempt == attempts:
-                raise
-            logger.warning("download of %s interrupted (%s); resuming", entry.name, err.problem)
-            time.sleep(0.2 * attempt)
+        logger.warning("download of %s stopped at %d of %d bytes; resuming", entry.name, done, entry.size)
+        time.sleep(0.2 * attempt)
+    if done < entry.size:
+        raise DownloadError(
+            f"Download of {entry.name!r} stopped at {done} of {entry.size} bytes after {attempts} attempts.",
+            fix=f"run `studio models pull {entry.name}` again: it resumes from {part.name}.",
+        )
     # 3. verify, then move into place
     _verify_part(entry, part, url)
     os.replace(part, target)
@@ -81,10 +84,11 @@ def pull(
     return target
 
 
-def _transfer(url: str, part: Path, total: int, progress: Progress | None) -> None:
+def _transfer(url: str, part: Path, total: int, progress: Progress | None) -> int:
+    """Append what the server sends to ``part``; returns the bytes now in it. HTTP errors are final."""
     done = part.stat().st_size if part.exists() else 0
     if done >= total:
-        return
+        return done
     request = urllib.request.Request(url, headers=_headers(done))
     try:
         response = urllib.request.urlopen(request, timeout=_TIMEOUT_S)
@@ -102,8 +106,7 @@ def _transfer(url: str, part: Path, total: int, progress: Progress | None) -> No
             done = _copy(response, handle, done, total, progress)
             handle.flush()
             os.fsync(handle.fileno())
-    if done < total:
-        raise DownloadError(f"transfer stopped at {done} of {total} bytes")
+    return done
 
 
 def _copy(

@@ -148,7 +148,8 @@ def test_pull_http_error_and_offline_mode(
         pull(entry, models)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DownloadError, match="HF_HUB_OFFLINE"):
-        pull(entry, models)
+        pull(_entry(ModelSource(hf_repo="org/repo", hf_file="x.pth")), models)
+    assert not server.requests[1:]
 
 
 @pytest.mark.parametrize("layout", ["models/upscale_models", "models/ESRGAN", "."])

@@ -165,7 +165,7 @@ def _make_stride_head(g: _Graph, x: str, stride: int, box: str, kps: str, conf: 
     cx, cy, anchor = _make_anchor_grid(g, x, stride)  # each [K,1] px / anchor index
     s = g.const(float(stride))
     points = g.op("Concat", cx, cy, cx, cy, axis=1)  # [K,4]
-    signs = g.const([1.0, 1.0, 1.0, 1.0])  # left = cx-x1, top = cy-y1, right = x2-cx, bottom = y2-cy
+    signs = g.const([1.0, 1.0, -1.0, -1.0])  # left = cx-x1, top = cy-y1, right = x2-cx, bottom = y2-cy
     bbox = g.op("Div", g.op("Mul", g.op("Sub", points, box), signs), s, out=f"bbox_{stride}")
     centres = g.op("Concat", *([cx, cy] * 5), axis=1)  # [K,10] x,y per keypoint
     kpss = g.op("Div", g.op("Sub", kps, centres), s, out=f"kps_{stride}")

@@ -1,0 +1,28 @@
+"""Shared fixtures: one tiny model kit per test session, offline Hugging Face settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+
+
+@pytest.fixture(scope="session")
+def tiny_kit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny faithful model kit built once for the whole session."""
+    from studio.models.tiny import make_tiny_kit
+
+    return make_tiny_kit(tmp_path_factory.mktemp("kit") / "tiny-kit")
+
+
+@pytest.fixture
+def tiny_overrides(tiny_kit: Path, tmp_path: Path) -> list[str]:
+    """--set overrides for the tiny profile: this session's kit, a private models and output folder."""
+    return [
+        f"models.tiny_kit={str(tiny_kit)!r}",
+        f"models.dir={str(tmp_path / 'models')!r}",
+        f"output_dir={str(tmp_path / 'out')!r}",
+    ]

@@ -1,0 +1,94 @@
+"""The command line end to end: a real subprocess on the tiny profile, exit codes and messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from studio.imageio import read_image, read_metadata
+
+STUDIO = [sys.executable, "-c", "from studio.cli import main; main()"]
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*STUDIO, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def test_generate_tiny_end_to_end(tiny_overrides: list[str], tmp_path: Path) -> None:
+    proc = _run(
+        "generate",
+        "a portrait of a lighthouse keeper",
+        "--profile",
+        "tiny",
+        "-n",
+        "2",
+        "--seed",
+        "7",
+        *_sets(tiny_overrides),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "NOT portraits" in proc.stdout
+    assert "draft" in proc.stdout and "refine stage not built yet" in proc.stdout
+    outputs = sorted((tmp_path / "out").glob("*.png"))
+    assert [p.name.split("-")[-1] for p in outputs] == ["7.png", "8.png"]
+    image = read_image(outputs[0])
+    assert image.shape == (64, 64, 3) and image.std() > 0
+    meta = read_metadata(outputs[1])
+    assert meta.parameters is not None and "Seed: 8" in meta.parameters
+    assert (
+        meta.recipe is not None and meta.recipe["seed"] == 8 and meta.recipe["model"]["name"] == "tiny-sd15"
+    )
+    assert len(list((tmp_path / "out").glob("*-config.toml"))) == 1
+
+
+def test_user_error_is_one_line_with_exit_code(tiny_overrides: list[str]) -> None:
+    proc = _run("generate", "x", "--profile", "tiny", "--set", "draft.steps=0", *_sets(tiny_overrides))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "draft.steps" in proc.stderr and "from 1 to 500" in proc.stderr
+
+
+def test_debug_shows_traceback(tiny_overrides: list[str]) -> None:
+    proc = _run("generate", "x", "--profile", "tiny", "--width", "65", "--debug", *_sets(tiny_overrides))
+    assert proc.returncode == 3
+    assert "Traceback" in proc.stderr and "multiple of 8" in proc.stderr
+
+
+def test_models_list_shows_status_licence_and_fixtures(tiny_overrides: list[str]) -> None:
+    proc = _run("models", "list", "--profile", "tiny", *_sets(tiny_overrides))
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "tiny-det" in text and "FIXTURE" in text and "present" in text
+    assert "inswapper_128" in text and "missing" in text and "non-commercial" in text
+
+
+def test_missing_model_names_pull_command(tmp_path: Path) -> None:
+    proc = _run("generate", "x", "--set", f"models.dir={str(tmp_path)!r}")
+    assert proc.returncode == 4
+    assert "studio models pull sd15" in proc.stderr
+
+
+def test_commercial_refuses_non_commercial_model_by_name(tmp_path: Path) -> None:
+    catalogue = tmp_path / "mine.toml"
+    catalogue.write_text(
+        '[research-sd]\nkind = "sd15"\nfilename = "r.safetensors"\n'
+        'source = { url = "http://127.0.0.1:9/r" }\n'
+        f'sha256 = "{"0" * 64}"\nsize = 1\nlicence = "research only"\ncommercial = false\n'
+    )
+    proc = _run(
+        "generate",
+        "x",
+        "--set",
+        "commercial=true",
+        "--set",
+        "draft.model='research-sd'",
+        "--set",
+        f"models.catalogues=['models.toml', {str(catalogue)!r}]",
+    )
+    assert proc.returncode == 4
+    assert "research-sd (research only)" in proc.stderr and "commercial" in proc.stderr
