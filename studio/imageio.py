@@ -1,15 +1,11 @@
 """The only place images enter or leave the studio.
 
-Reading: content-sniffed format whitelist (PNG, JPEG, WEBP), a pixel cap checked from the header before
-decoding, a forced full decode (truncated files raise, never grey-fill), EXIF orientation, and mode
-normalisation to HxWx3 uint8 BGR. Transparent pixels are composited over white, because every stage
-downstream (diffusion, face detection, blending) works on opaque colour.
-
-Writing: atomic (temp file + fsync + rename), with the generation metadata users expect from A1111:
-PNG ``parameters`` tEXt chunk (iTXt when the text is not Latin-1, as Pillow and A1111 do) plus the full
-recipe as JSON in an iTXt chunk ``studio_recipe``; JPEG/WEBP carry ``parameters`` in EXIF UserComment
-(``UNICODE`` prefix, UTF-16 in a big-endian TIFF block, byte for byte what A1111/piexif writes) and the
-recipe as a ``studio:recipe`` attribute in an XMP packet.
+Reading: format whitelist decided by content, pixel cap checked from the header before decoding, forced
+full decode (truncated files raise, never grey-fill), EXIF orientation, every mode normalised to HxWx3
+uint8 BGR; transparency is composited over white since every later stage works on opaque colour.
+Writing: atomic, with A1111's metadata: PNG ``parameters`` tEXt (iTXt if not Latin-1, as A1111) plus the
+recipe JSON in iTXt ``studio_recipe``; JPEG/WEBP: ``parameters`` in EXIF UserComment (``UNICODE`` +
+UTF-16-BE in a big-endian TIFF block, as A1111/piexif write it), recipe in XMP ``studio:recipe``.
 """
 
 from __future__ import annotations
@@ -34,20 +30,18 @@ from studio.types import ImageBGR, ImageRGB
 
 logger = logging.getLogger(__name__)
 
-# 40 MP: above 8K UHD (7680x4320 = 33 MP) and below Pillow's own decompression-bomb warning threshold
-# (~89 MP), so with the default cap our clear error is what users see. Decoded, 40 MP RGB is ~120 MB.
+# 40 MP: above 8K UHD (7680x4320 = 33 MP), below Pillow's decompression-bomb thresholds (warning ~89 MP,
+# error ~179 MP), so Pillow never refuses what the default cap accepts. Decoded, 40 MP RGB is ~120 MB.
 DEFAULT_MAX_PIXELS: int = 40_000_000
 ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
 
-# Cameras write multi-picture JPEGs that Pillow reports as "MPO"; the first picture is a plain JPEG.
-_FORMAT_ALIASES = {"MPO": "JPEG"}
 _EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 _QUALITY = 95
 _PARAMETERS_KEY = "parameters"
 _RECIPE_KEY = "studio_recipe"
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 # Pillow raises all of these for corrupt or truncated data.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+_PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 _CAP_FIX = "downscale the image, or raise the cap with the config key images.max_pixels"
 
 _XMP_NS = "urn:portrait-studio:xmp:1.0"
@@ -76,7 +70,7 @@ def read_image(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageBGR:
         try:
             image.load()  # full decode now: truncated data raises instead of being grey-filled
             upright = ImageOps.exif_transpose(image)
-        except _DECODE_ERRORS as err:
+        except _PILLOW_ERRORS as err:
             raise _corrupt(path, image.format, err) from err
         logger.debug("read %s: %s %s %dx%d", path, image.format, image.mode, *image.size)
     return from_pil(upright)
@@ -99,7 +93,7 @@ def write_image(
     try:
         with atomic_writer(path) as handle:
             picture.save(handle, format=image_format, **options)
-    except _DECODE_ERRORS as err:
+    except _PILLOW_ERRORS as err:
         raise ImageError(
             f"Could not write {image_format} image {path}: {err}; the previous file (if any) is unchanged.",
             fix="check free disk space and write permission on the folder; keep metadata under 64 KB "
@@ -121,7 +115,7 @@ def read_metadata(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageM
             else:
                 parameters = _read_user_comment(image.getexif())
                 recipe_text = _read_xmp_recipe(image.info.get("xmp"))
-        except _DECODE_ERRORS as err:
+        except _PILLOW_ERRORS as err:
             raise _corrupt(path, image.format, err) from err
     return ImageMetadata(parameters=parameters, recipe=_parse_recipe(recipe_text, path))
 
@@ -156,8 +150,12 @@ def format_parameters(prompt: str, negative: str, settings: Mapping[str, object]
                 f"Setting name {key!r} cannot be written to A1111 parameters.",
                 fix="use a name without ',', ':', '\"', newlines or surrounding spaces, e.g. 'CFG scale'.",
             )
-        if value is not None:
-            items.append(f"{key}: {_quote(str(value))}")
+        if value is None:
+            continue  # A1111 leaves out unset settings
+        text = str(value)
+        if any(char in text for char in ",:\n\r") or text.startswith('"') or text != text.strip():
+            text = json.dumps(text, ensure_ascii=False)  # A1111 quotes values that would break the line
+        items.append(f"{key}: {text}")
     if items:
         lines.append(", ".join(items))
     return "\n".join(lines)
@@ -170,31 +168,28 @@ def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
         lines.pop()  # trailing blank lines some tools append after the settings
     settings = _parse_settings_line(lines[-1])
     if settings is not None:
-        lines = lines[:-1]
-    else:
-        settings = {}
+        lines.pop()
     for index, line in enumerate(lines):
         if line.startswith(_NEGATIVE):
             first = line[len(_NEGATIVE) :]
             first = first[1:] if first.startswith(" ") else first
             negative = "\n".join([first, *lines[index + 1 :]])
-            return "\n".join(lines[:index]), negative, settings
-    return "\n".join(lines), "", settings
+            return "\n".join(lines[:index]), negative, settings or {}
+    return "\n".join(lines), "", settings or {}
 
 
 def _open_file(path: Path) -> BinaryIO:
     """Open ``path`` for reading, turning OS errors into ImageError."""
     try:
         return path.open("rb")
-    except FileNotFoundError:
-        raise ImageError(
-            f"No image at {path}: the file does not exist.",
-            fix="check the path (relative paths start from the current folder).",
-        ) from None
     except OSError as err:
+        missing = isinstance(err, FileNotFoundError)
         raise ImageError(
-            f"Cannot open {path} for reading: {err.strerror or err}.",
-            fix="pass a readable image file (not a folder) and check its permissions.",
+            f"No image at {path}: the file does not exist."
+            if missing
+            else f"Cannot open {path} for reading: {err.strerror or err}.",
+            fix="check the path (relative paths start from the current folder) and that it is a readable "
+            "image file, not a folder.",
         ) from err
 
 
@@ -211,9 +206,10 @@ def _open_image(handle: BinaryIO, path: Path, max_pixels: int) -> ImageFile.Imag
             f"the studio cap is {max_pixels:,} pixels.",
             fix=_CAP_FIX + " (Pillow's own limit cannot be lifted from the studio config).",
         ) from err
-    except _DECODE_ERRORS as err:
+    except _PILLOW_ERRORS as err:
         raise _corrupt(path, None, err) from err
-    detected = _FORMAT_ALIASES.get(image.format or "", image.format)
+    # cameras write multi-picture JPEGs that Pillow calls "MPO"; the first picture is a plain JPEG
+    detected = "JPEG" if image.format == "MPO" else image.format
     width, height = image.size
     if detected not in ALLOWED_FORMATS or width * height > max_pixels:
         image.close()
@@ -376,8 +372,7 @@ def _read_user_comment(exif: Image.Exif) -> str | None:
         big = even_zeros > odd_zeros or (even_zeros == odd_zeros and exif.endian != "<")
         return body.decode("utf-16-be" if big else "utf-16-le", errors="replace").rstrip("\x00")
     encoding = {_ASCII_PREFIX: "ascii", b"JIS\x00\x00\x00\x00\x00": "shift_jis"}.get(prefix, "utf-8")
-    text = body.decode(encoding, errors="replace")
-    return text.rstrip("\x00")
+    return body.decode(encoding, errors="replace").rstrip("\x00")
 
 
 def _xmp_packet(recipe: str) -> bytes:
@@ -406,32 +401,15 @@ def _parse_recipe(text: str | None, path: Path) -> dict[str, object] | None:
         return None
     try:
         recipe = json.loads(text)
+        problem = "" if isinstance(recipe, dict) else f"a JSON {type(recipe).__name__}, expected an object"
     except json.JSONDecodeError as err:
+        problem = f"not valid JSON ({err})"
+    if problem:
         raise ImageError(
-            f"The studio recipe stored in {path} is not valid JSON ({err}).",
-            fix="the metadata was damaged or edited; re-create the recipe or use the 'parameters' text.",
-        ) from err
-    if not isinstance(recipe, dict):
-        raise ImageError(
-            f"The studio recipe stored in {path} is a JSON {type(recipe).__name__}, expected an object.",
+            f"The studio recipe stored in {path} is {problem}.",
             fix="the metadata was damaged or edited; re-create the recipe or use the 'parameters' text.",
         )
     return recipe
-
-
-def _quote(value: str) -> str:
-    """JSON-quote a setting value that would break the settings line, as A1111's infotext does."""
-    if any(char in value for char in ",:\n\r") or value.startswith('"') or value != value.strip():
-        return json.dumps(value, ensure_ascii=False)
-    return value
-
-
-def _unquote(value: str) -> str:
-    """Undo _quote; a malformed quoted value is kept as written, as A1111 does."""
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        with contextlib.suppress(json.JSONDecodeError):
-            return str(json.loads(value))
-    return value
 
 
 def _parse_settings_line(line: str) -> dict[str, str] | None:
@@ -443,6 +421,9 @@ def _parse_settings_line(line: str) -> dict[str, str] | None:
         if match is None or match.end() == position:
             return None
         key, value = match.groups()
-        settings[key] = _unquote(value)
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            with contextlib.suppress(json.JSONDecodeError):  # A1111 keeps malformed quotes as written
+                value = str(json.loads(value))
+        settings[key] = value
         position = match.end()
     return settings or None
