@@ -116,7 +116,10 @@ def models_list(
     from studio.models.store import check
 
     config = _setup(profile, config_file, overrides, debug)
-    table = Table("name", "kind", "status", "licence", "commercial", "where / note")
+    table = Table()
+    table.add_column("name", no_wrap=True)
+    for column in ("kind", "status", "commercial", "licence", "where / note"):
+        table.add_column(column)
     colours = {"present": "green", "missing": "yellow", "corrupt": "red"}
     for entry in open_catalogue(config).values():
         result = check(entry, config.models)
@@ -125,7 +128,7 @@ def models_list(
             note += f"\nFIXTURE: {entry.fixture}"
         status = f"[{colours.get(result.status, 'white')}]{result.status}[/]"
         table.add_row(
-            entry.name, entry.kind, status, entry.licence, "yes" if entry.commercial else "no", note
+            entry.name, entry.kind, status, "yes" if entry.commercial else "no", entry.licence, note
         )
     out.print(table)
 

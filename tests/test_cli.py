@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ STUDIO = [sys.executable, "-c", "from studio.cli import main; main()"]
 
 
 def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*STUDIO, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+    env = {**os.environ, "COLUMNS": "220"}  # a wide terminal, so rich tables do not wrap names
+    return subprocess.run([*STUDIO, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
 
 
 def _sets(overrides: list[str]) -> list[str]:
@@ -65,6 +67,8 @@ def test_models_list_shows_status_licence_and_fixtures(tiny_overrides: list[str]
     text = " ".join(proc.stdout.split())
     assert "tiny-det" in text and "FIXTURE" in text and "present" in text
     assert "inswapper_128" in text and "missing" in text and "non-commercial" in text
+    row = next(line for line in proc.stdout.splitlines() if "inswapper_128 " in line)
+    assert [cell.strip() for cell in row.split("│")][2:5] == ["swapper", "missing", "no"]
 
 
 def test_missing_model_names_pull_command(tmp_path: Path) -> None:
