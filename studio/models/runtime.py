@@ -96,3 +96,17 @@ def create_session(model: Path, requested: Sequence[str]) -> ort.InferenceSessio
     session = ort.InferenceSession(str(model), providers=list(requested))
     check_session_providers(session, requested, model)
     return session
+
+
+def load_insightface_model(model: Path, requested: Sequence[str]) -> Any:
+    """An insightface model-zoo object (SCRFD, ArcFaceONNX, INSwapper, ...) on the requested providers."""
+    from insightface.model_zoo import get_model  # heavy import, only when a face model is needed
+
+    loaded = get_model(str(model), providers=list(requested))
+    if loaded is None:
+        raise RuntimeSetupError(
+            f"insightface does not recognise {Path(model).name} as a detector, recognizer or swapper.",
+            fix="check the catalogue entry points at the right ONNX file.",
+        )
+    check_session_providers(loaded.session, requested, model)
+    return loaded

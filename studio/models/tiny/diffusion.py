@@ -20,11 +20,12 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import diffusers
 import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
@@ -35,6 +36,7 @@ from studio.files import write_bytes_atomic, write_text_atomic
 logger = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]  # parameter name -> tensor (layouts as in the owning module)
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 # CLIP BPE: 256 byte symbols, 256 byte symbols + "</w>", 48894 merges, 2 specials = 49408 ids.
 _BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -47,7 +49,12 @@ UNET_CONFIG: dict[str, Any] = {
     "sample_size": 8,  # latent px; x8 VAE factor -> 64 px default images
     "in_channels": 4,
     "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     "block_out_channels": [32, 32, 64, 64],
     "layers_per_block": 2,
@@ -140,7 +147,11 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte -> printable unicode symbol table (byte order defines the first 256 ids)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     codes = printable[:]
     extra = 0
     for byte in range(256):
@@ -157,18 +168,20 @@ def _bytes_to_unicode() -> dict[int, str]:
 def write_sd15(folder: Path, single_file: Path, *, seed: int = 0) -> None:
     """Write a tiny seeded SD 1.5 as a diffusers folder and as an original-LDM single-file checkpoint."""
     # 1. build the seeded components (each from its own generator stream)
-    unet = _prepare_unet(seed)
-    vae = _prepare_vae(seed + 1)
-    text_encoder = _prepare_text_encoder(seed + 2)
+    unet = _seeded(lambda: UNet2DConditionModel.from_config(UNET_CONFIG), seed)
+    vae = _seeded(lambda: AutoencoderKL.from_config(VAE_CONFIG), seed + 1)
+    text_encoder = _seeded(lambda: CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)), seed + 2)
     scheduler = PNDMScheduler.from_config(SCHEDULER_CONFIG)
     # 2. the diffusers folder, staged and swapped in whole
     with _staged_folder(Path(folder)) as stage:
         unet.save_pretrained(stage / "unet", safe_serialization=True)
         vae.save_pretrained(stage / "vae", safe_serialization=True)
-        text_encoder.save_pretrained(stage / "text_encoder", safe_serialization=True)
+        _save_text_encoder(text_encoder, stage / "text_encoder")
         scheduler.save_pretrained(stage / "scheduler")
         write_tokenizer(stage / "tokenizer")
-        write_text_atomic(stage / "model_index.json", json.dumps(_model_index(), indent=2, sort_keys=True) + "\n")
+        write_text_atomic(
+            stage / "model_index.json", json.dumps(_model_index(), indent=2, sort_keys=True) + "\n"
+        )
     # 3. the single file: the same tensors under the original LDM names
     checkpoint = diffusers_to_ldm(unet.state_dict(), vae.state_dict(), text_encoder.state_dict())
     data = safetensors.torch.save(checkpoint, metadata={"format": "pt"})
@@ -176,10 +189,21 @@ def write_sd15(folder: Path, single_file: Path, *, seed: int = 0) -> None:
     logger.info("tiny SD 1.5 written to %s and %s (seed %d)", folder, single_file, seed)
 
 
+def _save_text_encoder(model: CLIPTextModel, folder: Path) -> None:
+    """Save as SD 1.5's text_encoder/ does: ``text_model.``-prefixed keys (transformers 5 saves them flat)."""
+    model.config.architectures = [type(model).__name__]
+    model.config.dtype = torch.float32
+    model.config.save_pretrained(folder)
+    tensors = {
+        f"text_model.{k.removeprefix('text_model.')}": v.contiguous() for k, v in model.state_dict().items()
+    }
+    write_bytes_atomic(
+        folder / "model.safetensors", safetensors.torch.save(tensors, metadata={"format": "pt"})
+    )
+
+
 def _model_index() -> dict[str, Any]:
     """model_index.json of an SD 1.5 repo without safety checker."""
-    import diffusers
-
     return {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
@@ -195,28 +219,12 @@ def _model_index() -> dict[str, Any]:
     }
 
 
-def _prepare_unet(seed: int) -> UNet2DConditionModel:
-    """Tiny SD 1.5 UNet with seeded weights; conv_out is damped so predicted noise stays ~unit scale."""
-    with torch.random.fork_rng(devices=[]):  # construction-time init must not touch the caller's RNG
-        unet = UNet2DConditionModel.from_config(UNET_CONFIG)
-    _seeded_init_(unet, torch.Generator().manual_seed(seed))
-    return unet.eval()
-
-
-def _prepare_vae(seed: int) -> AutoencoderKL:
-    """Tiny 4-level AutoencoderKL (x8, 4 latent channels) with seeded weights."""
+def _seeded(build: Callable[[], ModuleT], seed: int) -> ModuleT:
+    """Build a module (its own init kept off the caller's RNG), then overwrite its weights from ``seed``."""
     with torch.random.fork_rng(devices=[]):
-        vae = AutoencoderKL.from_config(VAE_CONFIG)
-    _seeded_init_(vae, torch.Generator().manual_seed(seed))
-    return vae.eval()
-
-
-def _prepare_text_encoder(seed: int) -> CLIPTextModel:
-    """Tiny CLIP text transformer over the real 49408-token vocabulary, seeded."""
-    with torch.random.fork_rng(devices=[]):
-        model = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
-    _seeded_init_(model, torch.Generator().manual_seed(seed))
-    return model.eval()
+        module = build()
+    _seeded_init_(module, torch.Generator().manual_seed(seed))
+    return module.eval()
 
 
 @torch.no_grad()
@@ -238,6 +246,7 @@ def _staged_folder(folder: Path) -> Iterator[Path]:
     """Yield an empty sibling folder that replaces ``folder`` only when the block completes."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    stage.chmod(0o755)  # mkdtemp makes it owner-only; the result is an ordinary model folder
     try:
         yield stage
         old = folder.with_name(f".{folder.name}.old")
@@ -338,7 +347,9 @@ def _vae_prefix_map(config: dict[str, Any]) -> dict[str, str]:
         ldm_up = levels - 1 - level  # LDM numbers decoder levels from the full-resolution end
         for layer in range(per):
             prefixes[f"encoder.down_blocks.{level}.resnets.{layer}."] = f"encoder.down.{level}.block.{layer}."
-        prefixes[f"encoder.down_blocks.{level}.downsamplers.0.conv."] = f"encoder.down.{level}.downsample.conv."
+        prefixes[f"encoder.down_blocks.{level}.downsamplers.0.conv."] = (
+            f"encoder.down.{level}.downsample.conv."
+        )
         for layer in range(per + 1):
             prefixes[f"decoder.up_blocks.{level}.resnets.{layer}."] = f"decoder.up.{ldm_up}.block.{layer}."
         prefixes[f"decoder.up_blocks.{level}.upsamplers.0.conv."] = f"decoder.up.{ldm_up}.upsample.conv."
@@ -369,10 +380,15 @@ def write_controlnet(folder: Path, unet_folder: Path, *, seed: int = 0) -> None:
     unet = UNet2DConditionModel.from_pretrained(unet_folder, local_files_only=True)
     # 2. copy it into a ControlNet as the real ones start, then seed the zero-initialised parts
     with torch.random.fork_rng(devices=[]):
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_HINT_CHANNELS)
+        controlnet = ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=CONTROLNET_HINT_CHANNELS
+        )
     generator = torch.Generator().manual_seed(seed)
-    for part in (controlnet.controlnet_cond_embedding, controlnet.controlnet_down_blocks,
-                 controlnet.controlnet_mid_block):
+    for part in (
+        controlnet.controlnet_cond_embedding,
+        controlnet.controlnet_down_blocks,
+        controlnet.controlnet_mid_block,
+    ):
         _seeded_init_(part, generator, scale=0.5)
     # 3. save staged
     with _staged_folder(Path(folder)) as stage:

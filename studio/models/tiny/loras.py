@@ -1,8 +1,8 @@
 """Tiny seeded style LoRAs for the tiny SD 1.5, in the two layouts found in the wild.
 
-- kohya (sd-scripts / A1111 / civitai): ``lora_unet_<module_with_underscores>.lora_down.weight`` [r, in(, 1, 1)],
-  ``.lora_up.weight`` [out, r(, 1, 1)], ``.alpha`` (scalar; the delta is up @ down * alpha / r), text encoder under
-  ``lora_te_text_model_...``; stored as float16 like most published files.
+- kohya (sd-scripts / A1111 / civitai): ``lora_unet_<module_with_underscores>.lora_down.weight``
+  [r, in(, 1, 1)], ``.lora_up.weight`` [out, r(, 1, 1)], ``.alpha`` (scalar; the delta is
+  up @ down * alpha / r), text encoder under ``lora_te_text_model_...``; float16 like most published files.
 - diffusers / peft: ``unet.<module>.lora_A.weight`` [r, in], ``unet.<module>.lora_B.weight`` [out, r],
   ``text_encoder.text_model.<module>...``; no alphas (scale 1), float32.
 
@@ -11,6 +11,7 @@ Module names and shapes come from the tiny architecture in ``diffusion.py`` (bui
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -30,7 +31,7 @@ RANK = 4
 KOHYA_ALPHA = 2.0  # kohya's usual alpha = rank / 2
 FILE_NAMES = {"kohya": "tiny-style-kohya.safetensors", "diffusers": "tiny-style-diffusers.safetensors"}
 _UP_SCALE = 0.6  # std of lora_up relative to 1/sqrt(rank): visible change, no blow-up
-# kohya's LoRA targets for SD 1.x: transformer blocks' attention + MLP, proj_in/out (1x1 convs); CLIP attn + MLP
+# kohya's SD 1.x targets: UNet transformers' attention, MLP, proj_in/out (1x1 convs); CLIP attention + MLP
 _KOHYA_UNET = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 _KOHYA_TEXT = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 # diffusers' train_text_to_image_lora targets
@@ -39,7 +40,7 @@ _DIFFUSERS_TEXT = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 def write_loras(folder: Path, *, seed: int = 0) -> dict[str, Path]:
-    """Write two different seeded style LoRAs (kohya and diffusers layouts); returns {"kohya", "diffusers"} paths."""
+    """Write two different seeded style LoRAs; returns {"kohya": path, "diffusers": path}."""
     folder = Path(folder)
     unet_modules, text_modules = _tiny_modules()
     paths = {style: folder / name for style, name in FILE_NAMES.items()}
@@ -52,13 +53,23 @@ def write_loras(folder: Path, *, seed: int = 0) -> dict[str, Path]:
         "ss_network_alpha": str(KOHYA_ALPHA),
         "ss_base_model_version": "sd_v1",
     }
-    write_bytes_atomic(paths["kohya"], safetensors.torch.save(kohya, metadata=metadata))
+    write_bytes_atomic(paths["kohya"], _save_reproducibly(kohya, metadata))
     # 2. diffusers layout from an independent seed, so the two styles differ
     generator = torch.Generator().manual_seed(seed + 1_000_003)
     peft = _diffusers_state_dict(unet_modules, text_modules, generator)
-    write_bytes_atomic(paths["diffusers"], safetensors.torch.save(peft, metadata={"format": "pt"}))
+    write_bytes_atomic(paths["diffusers"], _save_reproducibly(peft, {"format": "pt"}))
     logger.info("tiny LoRAs written to %s (seed %d)", folder, seed)
     return paths
+
+
+def _save_reproducibly(tensors: StateDict, metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with a sorted JSON header (safetensors 0.8 writes metadata in hash order)."""
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")  # u64 LE header length, then the JSON header (space padded)
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    if len(header) > size:
+        raise ValueError(f"safetensors header re-encoding grew from {size} to {len(header)} bytes")
+    return data[:8] + header.ljust(size) + data[8 + size :]
 
 
 def _tiny_modules() -> tuple[dict[str, torch.nn.Module], dict[str, torch.nn.Module]]:
@@ -68,12 +79,14 @@ def _tiny_modules() -> tuple[dict[str, torch.nn.Module], dict[str, torch.nn.Modu
         text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
     layers = (torch.nn.Linear, torch.nn.Conv2d)
     unet_modules = {name: m for name, m in unet.named_modules() if isinstance(m, layers)}
-    text_modules = {name.removeprefix("text_model."): m for name, m in text.named_modules() if isinstance(m, layers)}
+    text_modules = {
+        n.removeprefix("text_model."): m for n, m in text.named_modules() if isinstance(m, layers)
+    }
     return unet_modules, text_modules
 
 
 def _select(modules: dict[str, torch.nn.Module], suffixes: tuple[str, ...], within: str) -> list[str]:
-    """Names under a ``within`` container (e.g. "transformer_blocks") ending in one of ``suffixes``, sorted."""
+    """Sorted names inside a ``within`` container (e.g. "transformer_blocks") ending in a suffix."""
     return sorted(n for n in modules if within in n and n.endswith(tuple("." + s for s in suffixes)))
 
 
@@ -96,10 +109,12 @@ def _kohya_state_dict(
 def _diffusers_state_dict(
     unet: dict[str, torch.nn.Module], text: dict[str, torch.nn.Module], generator: torch.Generator
 ) -> StateDict:
-    """peft names: ``unet.<module>.lora_A.weight`` / ``lora_B``; text encoder keeps the ``text_model.`` path."""
+    """peft names: ``unet.<module>.lora_A.weight`` / ``lora_B``; the text encoder keeps ``text_model.``."""
     state: StateDict = {}
     targets = [("unet.", n, unet[n]) for n in _select(unet, _DIFFUSERS_UNET, "transformer_blocks")]
-    targets += [("text_encoder.text_model.", n, text[n]) for n in _select(text, _DIFFUSERS_TEXT, "encoder.layers")]
+    targets += [
+        ("text_encoder.text_model.", n, text[n]) for n in _select(text, _DIFFUSERS_TEXT, "encoder.layers")
+    ]
     for prefix, name, module in targets:
         down, up = _lora_pair(module, generator)
         state[f"{prefix}{name}.lora_A.weight"] = down
