@@ -49,6 +49,9 @@ def _setup(
         force=True,
         handlers=[RichHandler(console=err_console, show_path=debug, show_time=False)],
     )
+    if not debug:  # third-party libraries' warnings are for developers; --debug shows them
+        for name in ("diffusers", "transformers", "huggingface_hub", "peft"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     return load_config(profile, user_file=config_file, overrides=overrides or ())
 
 
@@ -81,7 +84,7 @@ def generate(
     config = _setup(profile, config_file, [*(overrides or []), *extra], debug, verbose)
     start = time.perf_counter()
     studio = Studio(config)
-    load_s = time.perf_counter() - start
+    setup_s = time.perf_counter() - start
     draft = config.draft
     request = DraftRequest(
         prompt=prompt,
@@ -97,7 +100,7 @@ def generate(
     result = studio.generate(request)
     for note in result.notes:
         out.print(f"[bold yellow]note:[/] {note}")
-    timings = {"setup": load_s, **result.timings}
+    timings = {"setup": setup_s, **result.timings}
     out.print("stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     for path in result.outputs:
         out.print(f"wrote {path}")

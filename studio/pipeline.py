@@ -13,7 +13,7 @@ from typing import Any
 
 from studio import __version__
 from studio.config import StudioConfig, config_to_dict, write_resolved_config
-from studio.draft import DraftRequest, render_draft
+from studio.draft import DraftRequest, prepare_draft, render_draft
 from studio.imageio import format_parameters, write_image
 from studio.models import open_catalogue
 from studio.models.cache import ModelCache
@@ -51,7 +51,9 @@ class Studio:
         ensure_allowed([model], commercial=self.config.commercial)
         if model.is_fixture or model.source.local is not None:
             notes.append("tiny profile: random-weight models, the pictures are NOT portraits")
-        # 2. draft
+        # 2. draft (the model loads once per process; later requests find it in the cache)
+        with _timed(timings, "load"):
+            prepare_draft(model, self.config, self.cache)
         with _timed(timings, "draft"):
             images = render_draft(request, model, self.config, self.cache)
         # 3. refine

@@ -34,6 +34,11 @@ class DraftRequest:
     sampler: Sampler
 
 
+def prepare_draft(model: ModelEntry, config: StudioConfig, cache: ModelCache) -> None:
+    """Load the draft model into ``cache`` ahead of rendering (so load time can be reported apart)."""
+    load_sd_pipeline(model, config, cache)
+
+
 def render_draft(
     request: DraftRequest, model: ModelEntry, config: StudioConfig, cache: ModelCache
 ) -> list[ImageBGR]:
