@@ -1,0 +1,1 @@
+"""Refine stage: detect, identities, swap, upscale, blend."""

@@ -1,0 +1,197 @@
+"""Blend a swapped face crop back into the picture: crop-space masks, colour matching, ROI paste-back.
+
+Masks live in crop space (the aligned square the swapper saw), are built once per size and settings, and
+reach the canvas only through :func:`studio.geometry.paste_back`, which touches the face's region alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from studio.errors import InputError
+from studio.geometry import paste_back
+from studio.types import Affine, ImageBGR, Mask
+
+logger = logging.getLogger(__name__)
+
+MaskShape = Literal["box", "ellipse"]
+MASK_SHAPES: tuple[MaskShape, ...] = get_args(MaskShape)
+
+MaskHook = Callable[[ImageBGR], Mask]  # aligned crop (HxWx3 uint8 BGR) -> HxW float32 [0, 1], e.g. occlusion
+
+# ArcFace-aligned faces are taller than wide: the oval spans 85% of the crop's width and all its height.
+_ELLIPSE_WIDTH = 0.85
+# Reinhard's std ratio is clamped so that a flat (e.g. shadowed) source channel is not blown up.
+_STD_RATIO_RANGE = (0.25, 4.0)
+_MIN_WEIGHT = 1e-3  # total mask weight below which there is nothing to measure
+
+
+@dataclass(frozen=True)
+class MaskSettings:
+    """How the crop-space blend mask is shaped: fractions are of the crop's side."""
+
+    shape: MaskShape = "ellipse"
+    padding: float = 0.0  # trimmed from each side before feathering, 0 <= padding < 0.5
+    blur: float = 0.1  # feather width, 0 (hard edge, 1 px) to 0.5
+
+    def __post_init__(self) -> None:
+        if self.shape not in MASK_SHAPES:
+            raise InputError(f"Mask shape {self.shape!r} received.", fix=f"use one of {list(MASK_SHAPES)}.")
+        if not 0.0 <= self.padding < 0.5:
+            raise InputError(f"Mask padding {self.padding} received.", fix="use a fraction in [0, 0.5).")
+        if not 0.0 <= self.blur <= 0.5:
+            raise InputError(f"Mask blur {self.blur} received.", fix="use a fraction in [0, 0.5].")
+
+
+@functools.lru_cache(maxsize=32)
+def crop_mask(size: int, settings: MaskSettings) -> Mask:
+    """Feathered box or ellipse mask of a ``size``-px crop: 0 on its border, 1 at its centre (read-only)."""
+    half = (size - 1) / 2.0 - settings.padding * size  # px from the centre to the padded edge
+    if half < 3.0:
+        raise InputError(
+            f"A {size}-px crop with padding {settings.padding} leaves no face area.",
+            fix="lower the mask padding or use a larger crop.",
+        )
+    # the feather never reaches the centre pixels, so they are exactly 1
+    feather = float(np.clip(settings.blur * size, 1.0, half - 1.0))
+    offsets = np.arange(size, dtype=np.float32) - np.float32((size - 1) / 2.0)  # (size,) px from centre
+    across, down = offsets[None, :], offsets[:, None]  # (1, size) x and (size, 1) y: broadcast to HxW
+    if settings.shape == "box":
+        inside = half - np.maximum(np.abs(across), np.abs(down))  # HxW px to the nearest edge
+    else:
+        radius_x, radius_y = _ELLIPSE_WIDTH * half, half
+        reach = np.sqrt((across / radius_x) ** 2 + (down / radius_y) ** 2)  # HxW, 1 on the oval
+        inside = (1.0 - reach) * min(radius_x, radius_y)  # HxW, ~px to the oval, monotone along rays
+    ramp = np.clip(inside / feather, 0.0, 1.0)
+    mask = (ramp * ramp * (3.0 - 2.0 * ramp)).astype(np.float32)  # smoothstep: no kink at either end
+    mask.flags.writeable = False
+    return mask
+
+
+def combine_masks(base: Mask, *extra: Mask) -> Mask:
+    """The product of ``base`` and each extra mask (resized to ``base``'s shape if needed), in [0, 1]."""
+    combined = np.array(base, dtype=np.float32)  # HxW float32, a fresh writable copy
+    height, width = combined.shape
+    for index, other in enumerate(extra):
+        layer = np.asarray(other, dtype=np.float32)
+        if layer.ndim != 2 or not np.isfinite(layer).all():
+            raise InputError(
+                f"Extra mask {index} has shape {layer.shape} or non-finite values.",
+                fix="a mask hook must return an HxW float array in [0, 1].",
+            )
+        if layer.shape != combined.shape:
+            layer = cv2.resize(layer, (width, height), interpolation=cv2.INTER_LINEAR)
+        combined *= np.clip(layer, 0.0, 1.0)
+    return np.clip(combined, 0.0, 1.0, out=combined)
+
+
+def match_colour(source: ImageBGR, target: ImageBGR, mask: Mask) -> ImageBGR:
+    """``source`` shifted to ``target``'s LAB mean and std inside ``mask`` (Reinhard colour transfer).
+
+    BGR -> LAB here is a model-boundary conversion: skin statistics are compared in a perceptual space.
+    An all-zero mask leaves nothing to measure (and nothing to paste): ``source`` comes back unchanged.
+    """
+    _check_same_crops(source, target, mask)
+    weights = np.asarray(mask, dtype=np.float64)
+    if float(weights.sum()) < _MIN_WEIGHT:
+        logger.debug("colour match skipped: the mask is empty")
+        return source.copy()
+    source_lab, target_lab = _to_lab(source), _to_lab(target)
+    source_mean, source_std = _weighted_stats(source_lab, weights)
+    target_mean, target_std = _weighted_stats(target_lab, weights)
+    safe_std = np.maximum(source_std, 1e-6)
+    ratio = np.where(source_std > 1e-3, np.clip(target_std / safe_std, *_STD_RATIO_RANGE), 1.0)
+    matched = (source_lab - source_mean) * ratio + target_mean  # HxWx3 float64 L, a, b
+    return _from_lab(matched.astype(np.float32))
+
+
+def blend_face(
+    canvas: ImageBGR,
+    swapped_crop: ImageBGR,
+    affine: Affine,
+    settings: MaskSettings,
+    *,
+    original_crop: ImageBGR | None = None,
+    colour_match: bool = True,
+    hook: MaskHook | None = None,
+) -> ImageBGR:
+    """A new canvas with ``swapped_crop`` (aligned by ``affine`` at its own size) blended onto its face.
+
+    ``original_crop`` is the target's aligned crop before swapping (any size; resized to the swapped crop's):
+    the colour reference and what ``hook`` sees, since occluders and face regions belong to the target.
+    """
+    # 1. check inputs
+    size = _square_size(swapped_crop, "swapped crop")
+    reference = None if original_crop is None else _resized_crop(original_crop, size)
+    # 2. crop-space mask, narrowed by the optional hook (face parser, occlusion model)
+    mask = crop_mask(size, settings)
+    if hook is not None:
+        mask = combine_masks(mask, hook(swapped_crop if reference is None else reference))
+    # 3. bring the swapped skin to the target's colour
+    if colour_match and reference is not None:
+        swapped_crop = match_colour(swapped_crop, reference, mask)
+    # 4. paste back inside the face's region only
+    return paste_back(canvas, swapped_crop, affine, mask)
+
+
+def _to_lab(image: ImageBGR) -> npt.NDArray[np.float32]:
+    """BGR uint8 -> LAB float32 (L 0..100, a and b about -128..127), HxWx3."""
+    scaled = image.astype(np.float32) * np.float32(1.0 / 255.0)  # HxWx3 float32 BGR in [0, 1]
+    return cv2.cvtColor(scaled, cv2.COLOR_BGR2LAB)  # HxWx3 float32 L, a, b
+
+
+def _from_lab(lab: npt.NDArray[np.float32]) -> ImageBGR:
+    """LAB float32 (any values; L clipped to 0..100) -> BGR uint8, clipped to the displayable range."""
+    lab[:, :, 0] = np.clip(lab[:, :, 0], 0.0, 100.0)
+    bgr = cv2.cvtColor(lab, cv2.COLOR_LAB2BGR)  # HxWx3 float32 L, a, b -> B, G, R about [0, 1]
+    return np.clip(np.rint(bgr * 255.0), 0, 255).astype(np.uint8)
+
+
+def _weighted_stats(
+    lab: npt.NDArray[np.float32], weights: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Per-channel mean and std of an HxWx3 image, each pixel weighted by ``weights`` (HxW)."""
+    pixels = lab.reshape(-1, 3).astype(np.float64)  # HxWx3 -> (H*W, 3) L, a, b
+    flat = weights.reshape(-1)  # HxW -> (H*W,)
+    total = flat.sum()
+    mean = flat @ pixels / total
+    variance = flat @ (pixels - mean) ** 2 / total
+    return mean, np.sqrt(variance)
+
+
+def _square_size(crop: ImageBGR, name: str) -> int:
+    """The side of a square HxWx3 uint8 crop, or InputError."""
+    if crop.dtype != np.uint8 or crop.ndim != 3 or crop.shape[2] != 3 or crop.shape[0] != crop.shape[1]:
+        raise InputError(
+            f"The {name} is {crop.dtype} of shape {crop.shape}.", fix="pass a square HxWx3 uint8 BGR crop."
+        )
+    return int(crop.shape[0])
+
+
+def _resized_crop(crop: ImageBGR, size: int) -> ImageBGR:
+    """The crop at ``size`` px (same content: crops of one face at two sizes differ by a pure scale)."""
+    if _square_size(crop, "original crop") == size:
+        return crop
+    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def _check_same_crops(source: ImageBGR, target: ImageBGR, mask: Mask) -> None:
+    """Raise InputError unless source and target are HxWx3 uint8 of one size and the mask matches."""
+    for name, image in (("source", source), ("target", target)):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise InputError(
+                f"The {name} is {image.dtype} of shape {image.shape}.", fix="pass an HxWx3 uint8 BGR image."
+            )
+    if source.shape != target.shape or np.shape(mask) != source.shape[:2]:
+        raise InputError(
+            f"Source {source.shape}, target {target.shape} and mask {np.shape(mask)} differ in size.",
+            fix="pass crops and mask of one size.",
+        )

@@ -1,0 +1,158 @@
+"""Alignment templates, affine warps and ROI paste-back (numpy and OpenCV only).
+
+Conventions: an :data:`~studio.types.Affine` maps canvas pixels to crop pixels (the matrix
+``cv2.warpAffine`` takes to cut a crop); pixel centres sit on integer coordinates, as in OpenCV.
+Paste-back works on the region of interest (ROI) the crop square covers and nothing else: its cost follows
+the face's area, not the canvas's, and every pixel outside the ROI is returned byte-identical.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from studio.errors import InputError
+from studio.types import Affine, ImageBGR, Landmark5, Mask
+
+# insightface's ``face_align.arcface_dst``: eyes, nose tip, mouth corners in a 112-px ArcFace crop.
+ARCFACE_TEMPLATE: Landmark5 = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float32,
+)  # (5, 2) x, y px
+ARCFACE_TEMPLATE.flags.writeable = False
+
+Region = tuple[int, int, int, int]  # (x0, y0, x1, y1) canvas px, end-exclusive
+
+
+def arcface_template(size: int) -> npt.NDArray[np.float64]:
+    """The ArcFace template for a ``size``-px crop, as insightface's ``estimate_norm`` places it."""
+    if size < 16:
+        raise InputError(f"Crop size {size} px is too small.", fix="use a crop of at least 16 px (e.g. 128).")
+    # insightface: multiples of 112 scale the template by size/112; otherwise (128 for inswapper, and its
+    # upscales) by size/128 and shift it 8*size/128 px right. insightface accepts only multiples of 112 or
+    # 128; other sizes follow the 128 convention here.
+    if size % 112 == 0:
+        ratio, shift_x = size / 112.0, 0.0
+    else:
+        ratio, shift_x = size / 128.0, 8.0 * size / 128.0
+    template = ARCFACE_TEMPLATE.astype(np.float64) * ratio  # (5, 2) x, y px
+    template[:, 0] += shift_x
+    return template
+
+
+def _umeyama(src: npt.NDArray[np.float64], dst: npt.NDArray[np.float64]) -> Affine:
+    """Least-squares similarity (Umeyama 1991, no reflection) taking ``src`` points onto ``dst``."""
+    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
+    src_centred, dst_centred = src - src_mean, dst - dst_mean  # (N, 2) x, y
+    covariance = dst_centred.T @ src_centred / len(src)  # (2, 2)
+    signs = np.ones(2)
+    if np.linalg.det(covariance) < 0:
+        signs[-1] = -1.0  # forbid a reflection: the best proper rotation instead
+    u, singular, vt = np.linalg.svd(covariance)
+    rotation = u @ np.diag(signs) @ vt
+    scale = float(singular @ signs) / float(src_centred.var(axis=0).sum())
+    affine = np.empty((2, 3), dtype=np.float64)
+    affine[:, :2] = scale * rotation
+    affine[:, 2] = dst_mean - affine[:, :2] @ src_mean
+    return affine
+
+
+def estimate_alignment(landmarks: Landmark5, size: int) -> Affine:
+    """Similarity transform taking 5 face landmarks onto the ArcFace template of a ``size``-px crop.
+
+    Closed-form Umeyama least squares, the estimator behind insightface's ``estimate_norm``
+    (``skimage.transform.SimilarityTransform``), so crops match what inswapper and ArcFace expect.
+    """
+    points = np.asarray(landmarks, dtype=np.float64)
+    if points.shape != (5, 2) or not np.isfinite(points).all():
+        raise InputError(
+            f"Landmarks of shape {points.shape} (finite: {bool(np.isfinite(points).all())}) received.",
+            fix="pass 5 finite (x, y) points: eyes, nose tip, mouth corners.",
+        )
+    if float(points.var(axis=0).sum()) < 1e-6:
+        raise InputError("All 5 landmarks coincide.", fix="pass the landmarks of a detected face.")
+    return _umeyama(points, arcface_template(size))
+
+
+def rescale_affine(affine: Affine, factor: float) -> Affine:
+    """The affine of the same crop resampled ``factor`` times larger (e.g. after a 4x face upscale).
+
+    Pixel centres stay on the same content: crop coordinate ``x`` becomes ``factor * x + (factor - 1) / 2``
+    (the half-pixel convention of ``cv2.resize`` and super-resolution networks), not ``factor * x``.
+    """
+    if factor <= 0:
+        raise InputError(f"Scale factor {factor} received.", fix="pass a positive factor, e.g. 4.")
+    offset = (factor - 1.0) / 2.0
+    scaled = np.asarray(affine, dtype=np.float64) * factor
+    scaled[:, 2] += offset
+    return scaled
+
+
+def warp_to_crop(image: ImageBGR, affine: Affine, size: int) -> ImageBGR:
+    """Aligned ``size`` x ``size`` crop: bilinear, black outside the image, as insightface's norm_crop."""
+    return cv2.warpAffine(image, _checked_affine(affine), (size, size), borderValue=0.0)
+
+
+def crop_region(affine: Affine, size: int, image_shape: tuple[int, int], pad: int = 2) -> Region:
+    """The canvas ROI (x0, y0, x1, y1), end-exclusive, that the crop square covers, clipped to the image."""
+    inverse = cv2.invertAffineTransform(_checked_affine(affine))  # (2, 3) crop px -> canvas px
+    last = float(size - 1)
+    corners = np.array([[0.0, 0.0], [last, 0.0], [0.0, last], [last, last]])  # (4, 2) x, y crop px
+    mapped = corners @ inverse[:, :2].T + inverse[:, 2]  # (4, 2) x, y canvas px
+    height, width = int(image_shape[0]), int(image_shape[1])
+    x0 = int(np.clip(np.floor(mapped[:, 0].min()) - pad, 0, width))
+    y0 = int(np.clip(np.floor(mapped[:, 1].min()) - pad, 0, height))
+    x1 = int(np.clip(np.ceil(mapped[:, 0].max()) + 1 + pad, x0, width))
+    y1 = int(np.clip(np.ceil(mapped[:, 1].max()) + 1 + pad, y0, height))
+    return x0, y0, x1, y1
+
+
+def paste_back(canvas: ImageBGR, crop: ImageBGR, affine: Affine, mask: Mask) -> ImageBGR:
+    """A new canvas with ``crop`` warped back and blended through its crop-space ``mask``, in the ROI only."""
+    # 1. check inputs
+    _check_paste_inputs(canvas, crop, mask)
+    affine = _checked_affine(affine)
+    mask = np.asarray(mask, dtype=np.float32)  # HxW float32, as cv2.warpAffine takes it
+    # 2. the ROI: everything else is copied untouched
+    x0, y0, x1, y1 = crop_region(affine, crop.shape[0], canvas.shape[:2])
+    result = canvas.copy()
+    if x1 <= x0 or y1 <= y0:
+        return result  # the crop lies entirely off the canvas
+    # 3. warp crop and mask into the ROI alone: crop px -> canvas px, then shifted to the ROI origin
+    to_roi = cv2.invertAffineTransform(affine)  # (2, 3) crop px -> canvas px
+    to_roi[:, 2] -= (x0, y0)  # canvas px -> ROI px
+    roi_size = (x1 - x0, y1 - y0)  # (width, height) as cv2 wants it
+    warped = cv2.warpAffine(crop, to_roi, roi_size, borderMode=cv2.BORDER_REPLICATE)
+    weight = cv2.warpAffine(mask, to_roi, roi_size, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    # 4. blend roi*(1-m) + warped*m: cv2.blendLinear does it in float32 per pixel and rounds to uint8 in one
+    # threaded pass (6x numpy's temporaries); m == 0 leaves a pixel exactly as it was
+    weight = np.clip(weight, 0.0, 1.0)  # HxW float32, one weight for B, G and R
+    roi = result[y0:y1, x0:x1]  # HxWx3 uint8 view into the new canvas
+    roi[...] = cv2.blendLinear(warped, roi, weight, 1.0 - weight)
+    return result
+
+
+def _checked_affine(affine: Affine) -> Affine:
+    """The affine as a finite, invertible (2, 3) float64 matrix, or InputError."""
+    matrix = np.asarray(affine, dtype=np.float64)
+    if matrix.shape != (2, 3) or not np.isfinite(matrix).all():
+        raise InputError(f"Affine of shape {matrix.shape} received.", fix="pass a finite (2, 3) matrix.")
+    if abs(float(np.linalg.det(matrix[:, :2]))) < 1e-12:
+        raise InputError("The affine is singular (zero scale).", fix="estimate it from real landmarks.")
+    return matrix
+
+
+def _check_paste_inputs(canvas: ImageBGR, crop: ImageBGR, mask: Mask) -> None:
+    """Raise InputError unless canvas and crop are HxWx3 uint8, the crop square and the mask crop-sized."""
+    for name, image in (("canvas", canvas), ("crop", crop)):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise InputError(
+                f"The {name} is {image.dtype} of shape {image.shape}.", fix="pass an HxWx3 uint8 BGR image."
+            )
+    if crop.shape[0] != crop.shape[1]:
+        raise InputError(f"The crop is {crop.shape[1]}x{crop.shape[0]} px.", fix="pass a square crop.")
+    if mask.shape != crop.shape[:2]:
+        raise InputError(
+            f"Mask of shape {mask.shape} for a crop of {crop.shape[:2]}.", fix="build the mask at crop size."
+        )

@@ -1,0 +1,228 @@
+"""Crop-space masks, Reinhard colour matching and the blend that pastes a swapped face back."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+
+from studio import geometry
+from studio.errors import InputError
+from studio.faces.blend import MaskSettings, blend_face, combine_masks, crop_mask, match_colour
+
+# Eileen Collins' pupils, nose tip, mouth corners in skimage.data.astronaut(), (x, y) px; see test_geometry.
+ASTRONAUT_LANDMARKS = np.array(
+    [[204.5, 101.5], [245.5, 103.5], [224.0, 127.0], [205.5, 141.5], [244.5, 142.5]], dtype=np.float32
+)
+
+
+def _astronaut() -> np.ndarray:
+    return skimage.data.astronaut()[:, :, ::-1].copy()  # HxWx3 RGB -> BGR (reverse the channel axis)
+
+
+def _smooth_image() -> np.ndarray:
+    yy, xx = np.mgrid[0:512, 0:512].astype(np.float32)  # HxW row and column indices
+    planes = [127 + 100 * np.sin(xx / 60) * np.cos(yy / 80), 127 + 90 * np.cos((xx + yy) / 90), 60 + 0.3 * xx]
+    return np.clip(np.rint(np.stack(planes, axis=-1)), 0, 255).astype(np.uint8)  # 3 x HxW -> HxWx3 BGR
+
+
+def _face_crop(image: np.ndarray, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    affine = geometry.estimate_alignment(ASTRONAUT_LANDMARKS, size)
+    return geometry.warp_to_crop(image, affine, size), affine
+
+
+def _lab_stats(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lab = cv2.cvtColor(image.astype(np.float32) / 255, cv2.COLOR_BGR2LAB).reshape(-1, 3)  # HxWx3 -> (H*W, 3)
+    weights = mask.reshape(-1).astype(np.float64)  # HxW -> (H*W,)
+    mean = weights @ lab / weights.sum()
+    return mean, np.sqrt(weights @ (lab - mean) ** 2 / weights.sum())
+
+
+# crop_mask
+
+
+@pytest.mark.parametrize("size", [112, 128, 256, 512])
+@pytest.mark.parametrize("settings", [MaskSettings(), MaskSettings("box"), MaskSettings("ellipse", 0.1, 0.3)])
+def test_crop_mask_is_zero_on_the_border_and_one_in_the_centre(size: int, settings: MaskSettings) -> None:
+    mask = crop_mask(size, settings)
+    assert mask.shape == (size, size) and mask.dtype == np.float32
+    assert mask.min() >= 0.0 and mask.max() <= 1.0
+    for edge in (mask[0], mask[-1], mask[:, 0], mask[:, -1]):
+        assert not edge.any()
+    centre = size // 2
+    assert (mask[centre - 1 : centre + 1, centre - 1 : centre + 1] == 1.0).all()
+
+
+@pytest.mark.parametrize("shape", ["box", "ellipse"])
+def test_crop_mask_feathers_monotonically(shape: str) -> None:
+    mask = crop_mask(128, MaskSettings(shape=shape, blur=0.2))  # type: ignore[arg-type]
+    for ray in (mask[64, :65], mask[:65, 64], np.diagonal(mask)[:65], mask[64, 127:62:-1]):
+        assert (np.diff(ray) >= 0).all()
+    assert ((mask > 0.05) & (mask < 0.95)).sum() > 1000  # a real feather, not a hard edge
+
+
+def test_crop_mask_shapes_padding_and_blur_differ() -> None:
+    ellipse, box = crop_mask(128, MaskSettings("ellipse")), crop_mask(128, MaskSettings("box"))
+    assert box[20, 20] == 1.0 and ellipse[20, 20] == 0.0  # the ellipse leaves the corners out
+    assert np.abs(box - ellipse).mean() > 0.1
+    assert ellipse[64, 5] == 0.0 and ellipse[5, 64] > 0.0  # the oval is narrower than tall
+    padded = crop_mask(128, MaskSettings("box", padding=0.2))
+    assert not padded[:, :26].any() and not padded[:26].any() and padded[64, 64] == 1.0
+    hard, soft = crop_mask(128, MaskSettings("box", blur=0.0)), crop_mask(128, MaskSettings("box", blur=0.3))
+    assert hard[1:-1, 1:-1].min() == 1.0 and soft[1:-1, 1:-1].mean() < 0.85
+
+
+def test_crop_mask_is_cached_and_read_only() -> None:
+    first = crop_mask(128, MaskSettings())
+    assert crop_mask(128, MaskSettings(shape="ellipse", padding=0.0, blur=0.1)) is first
+    assert crop_mask(256, MaskSettings()) is not first
+    with pytest.raises(ValueError, match="read-only"):
+        first[64, 64] = 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"shape": "circle"}, {"padding": 0.5}, {"padding": -0.1}, {"blur": 0.6}, {"blur": -0.01}]
+)
+def test_mask_settings_are_validated(kwargs: dict[str, object]) -> None:
+    with pytest.raises(InputError):
+        MaskSettings(**kwargs)  # type: ignore[arg-type]
+
+
+def test_crop_mask_rejects_a_crop_with_no_face_area() -> None:
+    with pytest.raises(InputError):
+        crop_mask(16, MaskSettings(padding=0.45))
+
+
+# combine_masks
+
+
+def test_combine_masks_multiplies_resizes_and_leaves_inputs_alone() -> None:
+    base = crop_mask(128, MaskSettings("box"))
+    half = np.zeros((128, 128), np.float32)
+    half[:, 64:] = 0.5
+    combined = combine_masks(base, half)
+    np.testing.assert_allclose(combined, base * half)
+    assert combined.flags.writeable and base[64, 64] == 1.0
+    small = np.full((32, 32), 2.0, np.float32)  # a parser's own resolution, out of range values
+    np.testing.assert_allclose(combine_masks(base, small), base)
+    with pytest.raises(InputError):
+        combine_masks(base, np.full((128, 128), np.nan, np.float32))
+    with pytest.raises(InputError):
+        combine_masks(base, np.ones((128, 128, 3), np.float32))
+
+
+# match_colour
+
+
+def _shifted(image: np.ndarray, shift: tuple[float, float, float], scale: float) -> np.ndarray:
+    lab = cv2.cvtColor(image.astype(np.float32) / 255, cv2.COLOR_BGR2LAB)  # HxWx3 BGR -> L, a, b float32
+    lab = (lab - lab.mean(axis=(0, 1))) * scale + lab.mean(axis=(0, 1)) + np.float32(shift)
+    bgr = cv2.cvtColor(lab, cv2.COLOR_LAB2BGR)  # HxWx3 L, a, b -> B, G, R float in [0, 1]
+    return np.clip(np.rint(bgr * 255), 0, 255).astype(np.uint8)
+
+
+def test_match_colour_brings_source_to_target_statistics() -> None:
+    target, _ = _face_crop(_astronaut())
+    source = _shifted(target, (-12.0, 9.0, -7.0), 0.7)
+    mask = crop_mask(128, MaskSettings())
+    before_mean, before_std = _lab_stats(source, mask)
+    target_mean, target_std = _lab_stats(target, mask)
+    assert np.abs(before_mean - target_mean).max() > 6 and np.abs(before_std - target_std).max() > 3
+    matched = match_colour(source, target, mask)
+    assert matched.shape == source.shape and matched.dtype == np.uint8
+    after_mean, after_std = _lab_stats(matched, mask)
+    assert np.abs(after_mean - target_mean).max() < 1.0
+    assert np.abs(after_std - target_std).max() < 1.0
+    # structure kept: the transfer is affine per channel, so luminance stays perfectly correlated
+    source_l = cv2.cvtColor(source, cv2.COLOR_BGR2LAB)[:, :, 0].ravel().astype(np.float64)  # HxW L plane
+    matched_l = cv2.cvtColor(matched, cv2.COLOR_BGR2LAB)[:, :, 0].ravel().astype(np.float64)
+    assert np.corrcoef(source_l, matched_l)[0, 1] > 0.995
+
+
+def test_match_colour_weights_by_the_mask() -> None:
+    target = np.zeros((64, 64, 3), np.uint8)
+    target[:, :32] = (40, 60, 200)  # left half red-ish: the only part inside the mask
+    target[:, 32:] = (200, 200, 200)
+    source = np.full((64, 64, 3), 128, np.uint8)
+    mask = np.zeros((64, 64), np.float32)
+    mask[:, :32] = 1.0
+    matched = match_colour(source, target, mask)
+    assert np.abs(matched.astype(np.int16) - (40, 60, 200)).max() <= 2  # flat source: shifted, not scaled
+
+
+def test_match_colour_with_an_empty_mask_returns_the_source() -> None:
+    target, _ = _face_crop(_astronaut())
+    source = _shifted(target, (5.0, 5.0, 5.0), 1.0)
+    matched = match_colour(source, target, np.zeros((128, 128), np.float32))
+    assert matched is not source
+    np.testing.assert_array_equal(matched, source)
+
+
+def test_match_colour_rejects_mismatched_sizes() -> None:
+    crop = np.zeros((128, 128, 3), np.uint8)
+    with pytest.raises(InputError):
+        match_colour(crop, crop[:64, :64], np.ones((128, 128), np.float32))
+    with pytest.raises(InputError):
+        match_colour(crop, crop, np.ones((64, 64), np.float32))
+
+
+# blend_face
+
+
+def test_blend_face_with_an_unchanged_face_changes_almost_nothing() -> None:
+    image = _smooth_image()
+    crop, affine = _face_crop(image)
+    blended = blend_face(image, crop, affine, MaskSettings(), original_crop=crop)
+    assert np.abs(blended.astype(np.int16) - image).max() <= 2
+    plain = geometry.paste_back(image, crop, affine, crop_mask(128, MaskSettings()))
+    assert np.abs(blended.astype(np.int16) - plain).max() <= 1  # identity colour match is a no-op
+
+
+def test_blend_face_colour_matches_a_tinted_swap() -> None:
+    image = _astronaut()
+    crop, affine = _face_crop(image)
+    tinted = _shifted(crop, (8.0, -10.0, 15.0), 1.0)
+    x0, y0, x1, y1 = geometry.crop_region(affine, 128, image.shape[:2])
+
+    def roi_error(result: np.ndarray) -> float:
+        return float(np.abs(result[y0:y1, x0:x1].astype(np.int16) - image[y0:y1, x0:x1]).mean())
+
+    raw = blend_face(image, tinted, affine, MaskSettings(), original_crop=crop, colour_match=False)
+    matched = blend_face(image, tinted, affine, MaskSettings(), original_crop=crop)
+    assert roi_error(raw) > 5.0 and roi_error(matched) < 2.5
+    assert np.array_equal(blend_face(image, tinted, affine, MaskSettings()), raw)  # no reference, no match
+
+
+def test_blend_face_hook_sees_the_target_and_can_veto_the_paste() -> None:
+    image = _astronaut()
+    crop, affine = _face_crop(image)
+    seen: list[np.ndarray] = []
+
+    def occluded(aligned: np.ndarray) -> np.ndarray:
+        seen.append(aligned)
+        return np.zeros(aligned.shape[:2], np.float32)  # the whole face is hidden
+
+    swapped = np.full_like(crop, 255)
+    blended = blend_face(image, swapped, affine, MaskSettings(), original_crop=crop, hook=occluded)
+    np.testing.assert_array_equal(blended, image)
+    assert len(seen) == 1 and np.array_equal(seen[0], crop)
+
+
+def test_blend_face_pastes_an_upscaled_crop() -> None:
+    image = _smooth_image()
+    crop, affine = _face_crop(image)
+    upscaled = cv2.resize(crop, (512, 512), interpolation=cv2.INTER_CUBIC)
+    blended = blend_face(
+        image, upscaled, geometry.rescale_affine(affine, 4), MaskSettings(), original_crop=crop
+    )
+    assert np.abs(blended.astype(np.int16) - image).max() <= 3
+    region = geometry.crop_region(geometry.rescale_affine(affine, 4), 512, image.shape[:2])
+    assert region == pytest.approx(geometry.crop_region(affine, 128, image.shape[:2]), abs=1)
+
+
+def test_blend_face_rejects_a_non_square_crop() -> None:
+    image = _smooth_image()
+    crop, affine = _face_crop(image)
+    with pytest.raises(InputError):
+        blend_face(image, crop[:, :100], affine, MaskSettings())
