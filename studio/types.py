@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, TypeAlias, get_args
 
 import numpy as np
@@ -31,3 +32,38 @@ Sampler = Literal[
     "Euler a", "Euler", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE Karras", "DDIM", "UniPC", "LCM"
 ]  # AUTOMATIC1111 sampler names
 SAMPLERS: tuple[Sampler, ...] = get_args(Sampler)
+
+PoseSource = Literal["auto", "image", "keypoints", "photo"]  # what a --pose file is
+
+
+@dataclass(frozen=True, eq=False)
+class Face:
+    """One detected face on a canvas: box, 5 landmarks and detector score, in canvas pixels."""
+
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in px
+    landmarks: Landmark5
+    score: float
+
+    @property
+    def size(self) -> float:
+        """The face's side in px: the mean of box width and height."""
+        return ((self.box[2] - self.box[0]) + (self.box[3] - self.box[1])) / 2
+
+    @property
+    def area(self) -> float:
+        """Box area in px²."""
+        return (self.box[2] - self.box[0]) * (self.box[3] - self.box[1])
+
+
+@dataclass(frozen=True, eq=False)
+class Identity:
+    """An enrolled person: mean embedding, per-photo embeddings and the consent that allows their use."""
+
+    name: str
+    embedding: Embedding  # (512,) float32, L2-normed mean of the photo embeddings
+    photo_embeddings: npt.NDArray[np.float32]  # (K, 512) float32, each row L2-normed
+    consent: str  # the consent record, e.g. "release #123, 2026-11-01"
+    recognizer_sha256: str  # the recognizer that made the embeddings
+    source_sha256: tuple[str, ...]  # sha256 of each enrolment photo
+    created: str  # ISO-8601 UTC
+    revoked: str | None = None  # ISO-8601 UTC time of revocation; a revoked identity cannot be used
