@@ -60,6 +60,21 @@ class RuntimeConfig:
     onnx_providers: OnnxProviders = "auto"
 
 
+Toggle = Literal["auto", "on", "off"]
+
+
+@dataclass(frozen=True)
+class PerformanceConfig:
+    """GPU memory and speed options; "auto" picks per device (diffusers already uses SDPA attention)."""
+
+    vae_slicing: Toggle = "auto"  # auto: on for cuda (decode a batch image by image)
+    vae_tiling: Toggle = "auto"  # auto: on for outputs above 2 megapixels
+    attention_slicing: Toggle = "auto"  # auto: on for mps
+    channels_last: Toggle = "auto"  # auto: on for cuda
+    cpu_offload: Literal["none", "model", "sequential"] = "none"
+    compile: bool = False  # torch.compile the UNet (slow first image, faster after)
+
+
 @dataclass(frozen=True)
 class ImagesConfig:
     """Limits on images read from users."""
@@ -71,24 +86,47 @@ class ImagesConfig:
 class DraftConfig:
     """Stable Diffusion draft defaults."""
 
-    model: str = "sd15"
+    model: str = "sd15"  # catalogue name, Hugging Face repo id, diffusers folder or .safetensors file
+    family: Literal["auto", "sd15", "sdxl"] = "auto"  # for models outside the catalogue
     width: int = field(default=512, metadata=_range(64, 4096))
     height: int = field(default=768, metadata=_range(64, 4096))
     steps: int = field(default=30, metadata=_range(1, 500))
     cfg: float = field(default=7.0, metadata=_range(0.0, 50.0))
     sampler: Sampler = "DPM++ 2M Karras"
     negative: str = ""
+    controlnet: str = "controlnet_openpose_sd15"  # used with --pose (SDXL: controlnet_openpose_sdxl)
+    lora_dir: Path | None = None  # default: loras/ beside configs/
+    max_loaded_loras: int = field(default=8, metadata=_range(1, 64))
+
+
+FaceSelect = Literal["all", "largest", "left-to-right", "index", "similarity"]
 
 
 @dataclass(frozen=True)
 class RefineConfig:
-    """Face refinement models."""
+    """Face refinement: models, detection, selection, upscaling, blending and QA."""
 
     enabled: bool = True
     detector: str = "det_10g"
     recognizer: str = "w600k_r50"
     swapper: str = "inswapper_128"
     upscaler: str = "realesrgan_x2plus"
+    identities_dir: Path = Path("~/.local/share/portrait-studio/identities")
+    det_threshold: float = field(default=0.5, metadata=_range(0.05, 0.99))
+    det_size: int = field(default=640, metadata=_range(128, 2048))
+    min_face: int = field(default=32, metadata=_range(8, 4096))  # px: smaller faces are left alone
+    select: FaceSelect = "all"  # which faces get a single --identity
+    upscale: Toggle = "auto"  # auto: when the face on the canvas is larger than the swapper's 128 px
+    upscale_tile: int = field(default=0, metadata=_range(0, 4096))  # Real-ESRGAN tile size, 0 = whole crop
+    mask: Literal["ellipse", "box"] = "ellipse"
+    mask_padding: float = field(default=0.0, metadata=_range(0.0, 0.49))
+    mask_blur: float = field(default=0.1, metadata=_range(0.0, 0.5))
+    colour_match: bool = True
+    min_similarity: float = field(default=0.0, metadata=_range(0.0, 1.0))  # QA: below this the image fails
+    enrol_min_face: int = field(default=64, metadata=_range(16, 4096))  # px, enrolment photos
+    enrol_min_score: float = field(default=0.6, metadata=_range(0.05, 0.99))
+    enrol_min_sharpness: float = field(default=20.0, metadata=_range(0.0, 10000.0))  # Laplacian variance
+    enrol_outlier: float = field(default=0.25, metadata=_range(-1.0, 1.0))  # min cosine to the others' mean
 
 
 @dataclass(frozen=True)
@@ -100,6 +138,7 @@ class StudioConfig:
     commercial: bool = False
     output_dir: Path = Path("outputs")
     runtime: RuntimeConfig = RuntimeConfig()
+    performance: PerformanceConfig = PerformanceConfig()
     images: ImagesConfig = ImagesConfig()
     draft: DraftConfig = DraftConfig()
     refine: RefineConfig = RefineConfig()
