@@ -28,6 +28,7 @@ def test_every_kind_is_present_and_verified(kit: dict, tmp_path: Path) -> None:
     models = ModelsConfig(dir=tmp_path)
     assert {e.kind for e in kit.values()} == {
         "sd15",
+        "sdxl",
         "controlnet",
         "lora",
         "detector",

@@ -23,6 +23,7 @@ from studio.models.tiny.diffusion import write_controlnet, write_sd15
 from studio.models.tiny.esrgan import write_esrgan
 from studio.models.tiny.faces import FIXTURE_FACE_BOX, write_detector, write_recognizer, write_swapper
 from studio.models.tiny.loras import write_loras
+from studio.models.tiny.sdxl import write_controlnet_sdxl, write_sdxl
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ def _write_files(root: Path, seed: int) -> dict[str, dict[str, Any]]:
     # 3. Real-ESRGAN .pth files
     arch2 = write_esrgan(root / "upscale" / "tiny-realesrgan-x2.pth", scale=2, seed=seed + 6)
     arch4 = write_esrgan(root / "upscale" / "tiny-realesrgan-x4.pth", scale=4, seed=seed + 7)
+    # 4. Stable Diffusion XL architecture: diffusers folder + single-file (SGM) checkpoint, ControlNet
+    write_sdxl(root / "tiny-sdxl", root / "tiny-sdxl.safetensors", seed=seed + 8)
+    write_controlnet_sdxl(root / "tiny-controlnet-openpose-sdxl", root / "tiny-sdxl" / "unet", seed=seed + 9)
     return {
         "tiny-sd15": _entry(
             "sd15", "tiny-sd15.safetensors", "SD 1.5 architecture, single-file checkpoint", config="tiny-sd15"
@@ -78,6 +82,18 @@ def _write_files(root: Path, seed: int) -> dict[str, dict[str, Any]]:
             "controlnet",
             "tiny-controlnet-openpose",
             "ControlNet (openpose role) for tiny-sd15",
+            fmt="diffusers",
+        ),
+        "tiny-sdxl": _entry(
+            "sdxl", "tiny-sdxl.safetensors", "SDXL architecture, single-file checkpoint", config="tiny-sdxl"
+        ),
+        "tiny-sdxl-diffusers": _entry(
+            "sdxl", "tiny-sdxl", "SDXL architecture, diffusers folder", fmt="diffusers"
+        ),
+        "tiny-controlnet-openpose-sdxl": _entry(
+            "controlnet",
+            "tiny-controlnet-openpose-sdxl",
+            "ControlNet (openpose role) for tiny-sdxl",
             fmt="diffusers",
         ),
         "tiny-style-kohya": _entry("lora", f"loras/{loras['kohya'].name}", "LoRA, kohya layout"),
