@@ -33,6 +33,10 @@ class ImageError(InputError):
     """An image cannot be read or written safely."""
 
 
+class IdentityError(InputError):
+    """An identity name, enrolment, file or consent state does not allow the requested use."""
+
+
 class ModelError(StudioError):
     """A model is unknown, missing, corrupt or not allowed."""
 

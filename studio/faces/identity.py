@@ -1,0 +1,507 @@
+"""The identity library: enrolled people as validated safetensors files, each with its consent record.
+
+One file per person, ``<folder>/<name>.safetensors``: tensors ``embedding`` (512,) float32 (the L2-normed
+mean) and ``photo_embeddings`` (K, 512) float32 (one L2-normed row per enrolment photo); string metadata
+``format``, ``version``, ``name``, ``consent``, ``recognizer_sha256``, ``source_sha256`` (a JSON list, one
+per row), ``created`` and ``revoked`` (ISO-8601 UTC, "" when not revoked). Files are written atomically and
+validated on every load; pickles (and every other format) are refused, never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
+
+from studio.config import RefineConfig
+from studio.errors import IdentityError, ImageError
+from studio.faces.detect import EMBEDDING_SIZE, DetectSettings, align_crops, detect_faces, embed_crops
+from studio.files import sha256_file, write_bytes_atomic
+from studio.imageio import read_image
+from studio.types import Identity, ImageBGR
+
+logger = logging.getLogger(__name__)
+
+IDENTITY_FORMAT = "portrait-studio-identity"
+IDENTITY_VERSION = "1"
+SUFFIX = ".safetensors"
+NAME_RULE = (
+    "1 to 64 characters: letters, digits, '_', '.' or '-', starting with a letter or digit, "
+    "not containing '..' and not ending in '.safetensors'"
+)
+ADD_HINT = "enrol the person with `studio identity add NAME PHOTO... --consent TEXT`"
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_FOREIGN_SUFFIXES = (".pkl", ".pickle", ".npy", ".npz", ".pt", ".pth", ".bin", ".json")
+_METADATA_KEYS = ("name", "consent", "recognizer_sha256", "source_sha256", "created", "revoked")
+_NORM_TOLERANCE = 1e-3
+_MAX_FILE_BYTES = 64 << 20  # 64 MiB is ~30 000 photo rows: anything larger is not an identity file
+_FOLDER_MODE = 0o700  # embeddings are biometric data: the library folder is private to its owner
+
+
+# --- records ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnrolSettings:
+    """Quality gates for enrolment photos and the detector settings used to find their faces."""
+
+    min_face: int = 64  # px, mean box side
+    min_score: float = 0.6  # detector score
+    min_sharpness: float = 20.0  # variance of the Laplacian of the aligned 112-px grey crop
+    outlier: float = 0.25  # minimum cosine of a photo to the normalised mean of the other photos
+    det_threshold: float = 0.5
+    det_size: int = 640
+
+    @classmethod
+    def from_config(cls, config: RefineConfig) -> EnrolSettings:
+        """Enrolment settings from the ``[refine]`` config section."""
+        return cls(
+            min_face=config.enrol_min_face,
+            min_score=config.enrol_min_score,
+            min_sharpness=config.enrol_min_sharpness,
+            outlier=config.enrol_outlier,
+            det_threshold=config.det_threshold,
+            det_size=config.det_size,
+        )
+
+
+@dataclass(frozen=True)
+class EnrolReport:
+    """What an enrolment did: the saved identity, the photos used, those rejected and why, warnings."""
+
+    identity: Identity
+    used: tuple[Path, ...]  # in the order of identity.photo_embeddings' rows
+    rejected: tuple[tuple[Path, str], ...]  # (photo, reason)
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class _Accepted:
+    """An enrolment photo that passed the per-photo gates."""
+
+    path: Path
+    sha256: str
+    crop: ImageBGR  # 112x112x3 uint8 BGR, ArcFace-aligned
+
+
+# --- names ------------------------------------------------------------------------------------
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it is a valid identity name, else raise IdentityError stating the rule."""
+    if (
+        isinstance(name, str)
+        and _NAME.fullmatch(name)
+        and ".." not in name
+        and not name.lower().endswith(SUFFIX)
+    ):
+        return name
+    raise IdentityError(f"Identity name {name!r} is not allowed.", fix=f"use a name of {NAME_RULE}.")
+
+
+# --- the library ------------------------------------------------------------------------------
+
+
+class IdentityLibrary:
+    """A folder of enrolled identities: enrol, load, get, list, revoke, remove."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder).expanduser()
+
+    def path_for(self, name: str) -> Path:
+        """The file that holds identity ``name``."""
+        return self.folder / f"{validate_name(name)}{SUFFIX}"
+
+    def enrol(
+        self,
+        name: str,
+        photos: Sequence[Path],
+        *,
+        consent: str,
+        detector: Any,
+        recognizer: Any,
+        recognizer_sha256: str,
+        settings: EnrolSettings,
+        max_pixels: int,
+        replace: bool = False,
+    ) -> EnrolReport:
+        """Enrol ``name`` from photos of one person, with its consent record; save it atomically."""
+        # 1. check inputs before any model runs
+        path = self._check_enrol_target(name, replace)
+        consent = _checked_consent(consent)
+        if not isinstance(recognizer_sha256, str) or not recognizer_sha256:
+            raise IdentityError("No recognizer checksum given.", fix="pass the recognizer file's sha256.")
+        photos = [photos] if isinstance(photos, str | Path) else list(photos)
+        if not photos:
+            raise IdentityError(
+                f"No photos given to enrol {name!r}.", fix="pass 1 or more photos (3-10 is best)."
+            )
+        # 2. per-photo gates: readable, one face, large, confident and sharp enough
+        accepted, rejected, warnings = _examine_photos(photos, detector, settings, max_pixels)
+        # 3. embed every accepted face in one batch, then drop photos unlike the others
+        embeddings = embed_crops([a.crop for a in accepted], recognizer)  # (K, 512) float32
+        outliers = _reject_outliers(embeddings, settings.outlier)  # row -> reason
+        rejected += [(accepted[i].path, reason) for i, reason in sorted(outliers.items())]
+        kept = [i for i in range(len(accepted)) if i not in outliers]
+        if not kept:
+            raise _nothing_left(name, rejected)
+        # 4. the identity: mean of the kept embeddings, renormalised; saved atomically
+        identity = _build_identity(
+            name, embeddings[kept], [accepted[i].sha256 for i in kept], consent, recognizer_sha256
+        )
+        self._save(path, identity)
+        used = tuple(accepted[i].path for i in kept)
+        logger.info("enrolled %r from %d photo(s) (%d rejected) in %s", name, len(used), len(rejected), path)
+        return EnrolReport(identity, used, tuple(rejected), tuple(warnings))
+
+    def load(self, name: str) -> Identity:
+        """Read and validate identity ``name`` (revoked ones included)."""
+        path = self.path_for(name)
+        self._refuse_foreign_files(name)
+        if not path.is_file():
+            raise IdentityError(
+                f"No identity {name!r} in the library {self.folder} (expected {path.name}).",
+                fix=f"{ADD_HINT}, or check the name with `studio identity list`.",
+            )
+        if path.stat().st_size > _MAX_FILE_BYTES:
+            raise _bad_file(path, f"{path.stat().st_size} bytes, far more than an identity needs")
+        return _parse_identity(path, name, path.read_bytes())
+
+    def get(self, name: str, *, recognizer_sha256: str | None = None) -> Identity:
+        """Identity ``name`` for use: refused if revoked or made by another recognizer than the given one."""
+        identity = self.load(name)
+        if identity.revoked:
+            raise IdentityError(
+                f"Identity {name!r} was revoked on {identity.revoked}; its consent no longer allows use.",
+                fix="pick another identity; only a new consent record makes this person usable again "
+                "(re-enrol with `studio identity add NAME PHOTO... --consent TEXT --replace`).",
+            )
+        if recognizer_sha256 is not None and identity.recognizer_sha256 != recognizer_sha256:
+            raise IdentityError(
+                f"Identity {name!r} was enrolled with recognizer {identity.recognizer_sha256[:12]}…, but "
+                f"the studio now uses {recognizer_sha256[:12]}…; their embeddings do not match.",
+                fix=f"re-enrol with the current recognizer: {ADD_HINT} --replace.",
+            )
+        return identity
+
+    def list(self) -> list[Identity]:
+        """Every readable identity, sorted by name, revoked ones included (``revoked`` set)."""
+        found = []
+        for path in self._files():
+            name = path.name[: -len(SUFFIX)]
+            try:
+                found.append(self.load(name))
+            except IdentityError as err:
+                logger.warning("skipping %s: %s", path, err)
+        return found
+
+    def remove(self, name: str) -> None:
+        """Delete identity ``name``'s file."""
+        path = self.path_for(name)
+        if not path.is_file():
+            raise IdentityError(
+                f"No identity {name!r} in the library {self.folder}.",
+                fix="check the name with `studio identity list`.",
+            )
+        path.unlink()
+        logger.info("removed identity %r (%s)", name, path)
+
+    def revoke(self, name: str) -> Identity:
+        """Mark identity ``name`` revoked now (atomic rewrite); it stays listed but cannot be used."""
+        identity = self.load(name)
+        if identity.revoked:
+            logger.info("identity %r was already revoked on %s", name, identity.revoked)
+            return identity
+        revoked = replace(identity, revoked=_now())
+        self._save(self.path_for(name), revoked)
+        logger.info("revoked identity %r on %s", name, revoked.revoked)
+        return revoked
+
+    # --- private helpers ---
+
+    def _check_enrol_target(self, name: str, overwrite: bool) -> Path:
+        """The file to write for a new identity; refuses existing names unless replacing."""
+        path = self.path_for(name)
+        if path.exists() and not overwrite:
+            raise IdentityError(
+                f"Identity {name!r} already exists in {self.folder}.",
+                fix="choose another name, or pass --replace to re-enrol it.",
+            )
+        # case-insensitive file systems (macOS, Windows) would merge "Anna" and "anna"
+        clash = [p.name for p in self._files() if p.name.lower() == path.name.lower() and p != path]
+        if clash:
+            raise IdentityError(
+                f"Identity {name!r} differs only in case from {clash[0]}.",
+                fix="use the existing name, or a clearly different one.",
+            )
+        return path
+
+    def _files(self) -> list[Path]:
+        """The library's identity files, sorted; none if the folder does not exist yet."""
+        return sorted(self.folder.glob(f"*{SUFFIX}")) if self.folder.is_dir() else []
+
+    def _refuse_foreign_files(self, name: str) -> None:
+        """Raise if a non-safetensors file claims this name: pickles are never loaded, nor guessed at."""
+        if not self.folder.is_dir():
+            return
+        wanted = {f"{name}{suffix}".lower() for suffix in _FOREIGN_SUFFIXES}
+        for path in sorted(self.folder.iterdir()):
+            if path.name.lower() in wanted:
+                raise IdentityError(
+                    f"Refusing {path}: identities are safetensors only; pickles are never loaded.",
+                    fix=f"delete or move {path.name} out of {self.folder}, then {ADD_HINT}.",
+                )
+
+    def _save(self, path: Path, identity: Identity) -> None:
+        """Write ``identity`` to ``path`` atomically (temp + fsync + replace)."""
+        data = _serialize(identity)
+        self.folder.mkdir(mode=_FOLDER_MODE, parents=True, exist_ok=True)
+        try:
+            write_bytes_atomic(path, data)
+        except OSError as err:
+            raise IdentityError(
+                f"Could not write {path}: {err}; the previous file (if any) is unchanged.",
+                fix="check free disk space and write permission on the folder.",
+            ) from err
+
+
+# --- enrolment steps --------------------------------------------------------------------------
+
+
+def _checked_consent(consent: object) -> str:
+    """The consent record, stripped; it must be a non-empty string."""
+    if not isinstance(consent, str) or not consent.strip():
+        raise IdentityError(
+            f"Consent record {consent!r} received; enrolment needs the person's consent on record.",
+            fix='pass --consent with where the consent is kept, e.g. "model release #123, 2026-01-05".',
+        )
+    return consent.strip()
+
+
+def _examine_photos(
+    photos: Sequence[Path], detector: Any, settings: EnrolSettings, max_pixels: int
+) -> tuple[list[_Accepted], list[tuple[Path, str]], list[str]]:
+    """Run the per-photo gates: (accepted photos, (photo, reason) rejections, warnings)."""
+    detect = DetectSettings(threshold=settings.det_threshold, det_size=settings.det_size, min_face=1)
+    accepted: list[_Accepted] = []
+    rejected: list[tuple[Path, str]] = []
+    warnings: list[str] = []
+    seen: dict[str, Path] = {}
+    for photo in map(Path, photos):
+        try:
+            image = read_image(photo, max_pixels=max_pixels)
+            digest = sha256_file(photo)
+        except (ImageError, OSError) as err:
+            rejected.append((photo, f"cannot be read: {err}"))
+            continue
+        if digest in seen:
+            rejected.append((photo, f"same file as {seen[digest]}"))
+            continue
+        seen[digest] = photo
+        crop, reason, warning = _examine_face(image, detector, detect, settings)
+        if warning:
+            warnings.append(f"{photo}: {warning}")
+            logger.warning("%s: %s", photo, warning)
+        if reason or crop is None:
+            rejected.append((photo, reason or "no face"))
+        else:
+            accepted.append(_Accepted(photo, digest, crop))
+    return accepted, rejected, warnings
+
+
+def _examine_face(
+    image: ImageBGR, detector: Any, detect: DetectSettings, settings: EnrolSettings
+) -> tuple[ImageBGR | None, str | None, str | None]:
+    """(aligned crop, rejection reason, warning) for one photo's face."""
+    faces = detect_faces(image, detector, detect)
+    if not faces:
+        return None, f"no face found (detector threshold {detect.threshold:g})", None
+    face = max(faces, key=lambda f: f.area)  # the first of equal areas, in left-to-right order
+    warning = None
+    if len(faces) > 1:
+        warning = f"{len(faces)} faces found; using the largest ({face.size:.0f} px), expected exactly one"
+    if face.size < settings.min_face:
+        return None, f"face too small: {face.size:.0f} px < enrol_min_face {settings.min_face} px", warning
+    if face.score < settings.min_score:
+        return None, f"face score {face.score:.2f} < enrol_min_score {settings.min_score:g}", warning
+    crop = align_crops(image, [face])[0]  # 112x112x3 uint8 BGR
+    sharpness = _sharpness(crop)
+    if sharpness < settings.min_sharpness:
+        reason = f"too blurry: sharpness {sharpness:.1f} < enrol_min_sharpness {settings.min_sharpness:g}"
+        return None, reason, warning
+    return crop, None, warning
+
+
+def _sharpness(crop: ImageBGR) -> float:
+    """Variance of the Laplacian of the grey crop: low means blurred."""
+    grey = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY)  # HxW uint8
+    return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+
+
+def _reject_outliers(embeddings: npt.NDArray[np.float32], threshold: float) -> dict[int, str]:
+    """Rows to drop, with reasons: with 3 or more rows, each row unlike the normalised mean of the others.
+
+    All rows are judged against the same full set, so photos of several different people are all dropped
+    (and enrolment fails) rather than some of them being averaged into one identity.
+    """
+    if len(embeddings) < 3:
+        return {}
+    rows = embeddings.astype(np.float64)  # (K, 512)
+    others = rows.sum(axis=0, keepdims=True) - rows  # (K, 512): sum of every other row
+    others /= np.maximum(np.linalg.norm(others, axis=1, keepdims=True), 1e-12)
+    cosines = np.einsum("kd,kd->k", rows, others)  # (K,) cosine of each row to the others' mean
+    return {
+        int(i): f"outlier: cosine {cosines[i]:.2f} to the other photos' mean < enrol_outlier {threshold:g} "
+        "(another person, or a poor photo)"
+        for i in np.flatnonzero(cosines < threshold)
+    }
+
+
+def _nothing_left(name: str, rejected: Sequence[tuple[Path, str]]) -> IdentityError:
+    """The error for an enrolment where every photo was rejected, listing each photo's reason."""
+    reasons = "; ".join(f"{path}: {reason}" for path, reason in rejected)
+    return IdentityError(
+        f"No usable photo to enrol {name!r}: {reasons}.",
+        fix="use sharp, well-lit photos showing one face of at least refine.enrol_min_face px.",
+    )
+
+
+def _build_identity(
+    name: str, embeddings: npt.NDArray[np.float32], sources: Sequence[str], consent: str, recognizer: str
+) -> Identity:
+    """The Identity record: the kept rows and their renormalised mean."""
+    mean = embeddings.astype(np.float64).mean(axis=0)  # (512,)
+    norm = float(np.linalg.norm(mean))
+    if norm < 1e-6:
+        raise IdentityError(
+            f"The photos of {name!r} cancel out (mean embedding is zero).", fix="use photos of one person."
+        )
+    return Identity(
+        name=name,
+        embedding=(mean / norm).astype(np.float32),  # (512,) float32, L2-normed
+        photo_embeddings=np.ascontiguousarray(embeddings, dtype=np.float32),  # (K, 512) float32
+        consent=consent,
+        recognizer_sha256=recognizer,
+        source_sha256=tuple(sources),
+        created=_now(),
+    )
+
+
+def _now() -> str:
+    """The current time, ISO-8601 UTC to the second."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# --- the file format --------------------------------------------------------------------------
+
+
+def _serialize(identity: Identity) -> bytes:
+    """The safetensors bytes of an identity file: two float32 tensors and string metadata."""
+    tensors = {
+        "embedding": np.ascontiguousarray(identity.embedding, dtype=np.float32),  # (512,)
+        "photo_embeddings": np.ascontiguousarray(identity.photo_embeddings, dtype=np.float32),  # (K, 512)
+    }
+    metadata = {
+        "format": IDENTITY_FORMAT,
+        "version": IDENTITY_VERSION,
+        "name": identity.name,
+        "consent": identity.consent,
+        "recognizer_sha256": identity.recognizer_sha256,
+        "source_sha256": json.dumps(list(identity.source_sha256)),
+        "created": identity.created,
+        "revoked": identity.revoked or "",
+    }
+    return save_safetensors(tensors, metadata=metadata)
+
+
+def _bad_file(path: Path, problem: str) -> IdentityError:
+    """IdentityError for a damaged or foreign identity file."""
+    return IdentityError(f"Identity file {path} is invalid: {problem}.", fix=f"remove it and {ADD_HINT}.")
+
+
+def _parse_identity(path: Path, name: str, data: bytes) -> Identity:
+    """Validate an identity file's bytes: format, metadata, shapes, dtype, finiteness, unit norms."""
+    # 1. container and metadata
+    meta = _read_metadata(path, data)
+    try:
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError, TypeError) as err:
+        raise _bad_file(path, f"not a readable safetensors file ({err})") from err
+    if meta["name"] != name:
+        raise _bad_file(path, f"it holds identity {meta['name']!r}, not {name!r} (renamed file?)")
+    if not meta["consent"].strip():
+        raise _bad_file(path, "its consent record is empty")
+    try:
+        sources = json.loads(meta["source_sha256"])
+    except json.JSONDecodeError:
+        sources = None
+    if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+        raise _bad_file(path, f"source_sha256 {meta['source_sha256'][:80]!r} is not a JSON list of strings")
+    # 2. tensors: (512,) and (K, 512) float32, finite, unit rows; one checksum per row
+    embedding = _checked_tensor(path, tensors, "embedding", ndim=1)
+    photos = _checked_tensor(path, tensors, "photo_embeddings", ndim=2)
+    if len(photos) == 0 or len(photos) != len(sources):
+        raise _bad_file(path, f"{len(photos)} photo embeddings but {len(sources)} photo checksums")
+    return Identity(
+        name=name,
+        embedding=embedding,
+        photo_embeddings=photos,
+        consent=meta["consent"],
+        recognizer_sha256=meta["recognizer_sha256"],
+        source_sha256=tuple(sources),
+        created=meta["created"],
+        revoked=meta["revoked"] or None,
+    )
+
+
+def _read_metadata(path: Path, data: bytes) -> dict[str, str]:
+    """The safetensors header's ``__metadata__``, checked for format, version and required keys."""
+    length = int.from_bytes(data[:8], "little")  # safetensors: u64 LE header length, then a JSON header
+    try:
+        header = json.loads(data[8 : 8 + length]) if 0 < length <= len(data) - 8 else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise _bad_file(path, "not a safetensors file (no readable header)")
+    meta = header.get("__metadata__") or {}
+    found = (meta.get("format"), meta.get("version"))
+    if found != (IDENTITY_FORMAT, IDENTITY_VERSION):
+        raise _bad_file(path, f"format/version {found}, expected ({IDENTITY_FORMAT!r}, {IDENTITY_VERSION!r})")
+    missing = [key for key in _METADATA_KEYS if not isinstance(meta.get(key), str)]
+    if missing:
+        raise _bad_file(path, f"metadata lacks {', '.join(missing)}")
+    return meta
+
+
+def _checked_tensor(
+    path: Path, tensors: dict[str, np.ndarray], key: str, ndim: int
+) -> npt.NDArray[np.float32]:
+    """Tensor ``key``: (512,) or (K, 512) by ``ndim``, float32, finite, rows of unit L2 norm."""
+    tensor = tensors.get(key)
+    expected = "(512,)" if ndim == 1 else "(K, 512)"
+    if tensor is None:
+        raise _bad_file(path, f"tensor {key!r} is missing")
+    if tensor.ndim != ndim or tensor.shape[-1] != EMBEDDING_SIZE:
+        raise _bad_file(path, f"tensor {key!r} has shape {tensor.shape}, expected {expected}")
+    if tensor.dtype != np.float32:
+        raise _bad_file(path, f"tensor {key!r} has dtype {tensor.dtype}, expected float32")
+    if not np.isfinite(tensor).all():
+        raise _bad_file(path, f"tensor {key!r} holds NaN or infinite values")
+    norms = np.linalg.norm(tensor.astype(np.float64), axis=-1)  # () or (K,)
+    if (np.abs(norms - 1.0) > _NORM_TOLERANCE).any():
+        worst = float(norms.flat[int(np.argmax(np.abs(norms - 1.0)))])
+        raise _bad_file(path, f"tensor {key!r} is not L2-normed (norm {worst:.4f}, expected 1 ± 0.001)")
+    return tensor
