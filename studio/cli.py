@@ -7,7 +7,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import click
 import typer
@@ -18,8 +18,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Table
 
 from studio.config import StudioConfig, load_config
-from studio.errors import StudioError
-from studio.types import Sampler
+from studio.errors import InputError, StudioError
+from studio.types import PoseSource, Sampler
 
 app = typer.Typer(
     help="Portrait Studio: text prompt → portrait.", pretty_exceptions_enable=False, no_args_is_help=True
@@ -27,6 +27,8 @@ app = typer.Typer(
 models_app = typer.Typer(help="List, download, verify and build models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+styles_app = typer.Typer(help="Style presets (prompts/*.toml).", no_args_is_help=True)
+app.add_typer(styles_app, name="styles")
 app.add_typer(config_app, name="config")
 
 out = Console()
@@ -57,18 +59,38 @@ def _setup(
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Argument(help="What to paint.")],
+    prompt: Annotated[str, typer.Argument(help="What to paint; may use {variables} (see --var).")],
+    style: Annotated[
+        str | None, typer.Option("--style", "-s", help="A preset from prompts/ (studio styles list).")
+    ] = None,
     negative: Annotated[
-        str | None, typer.Option("--negative", help="Negative prompt (default: config).")
+        str | None, typer.Option("--negative", help="Negative prompt (default: style/config).")
+    ] = None,
+    variables: Annotated[
+        list[str] | None, typer.Option("--var", help="Template variable: --var age=30.")
     ] = None,
     count: Annotated[
-        int, typer.Option("-n", "--count", min=1, max=64, help="Images (seeds seed, seed+1, ...).")
+        int, typer.Option("-n", "--count", min=1, max=1000, help="Images: seeds seed, seed+1, ...")
+    ] = 1,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, max=16, help="Images rendered at once.")
     ] = 1,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the first image.")] = 42,
     steps: Annotated[int | None, typer.Option("--steps", min=1, max=500)] = None,
+    cfg: Annotated[float | None, typer.Option("--cfg", min=0.0, max=50.0)] = None,
     sampler: Annotated[Sampler | None, typer.Option("--sampler")] = None,
     width: Annotated[int | None, typer.Option("--width")] = None,
     height: Annotated[int | None, typer.Option("--height")] = None,
+    loras: Annotated[list[str] | None, typer.Option("--lora", help="NAME[:WEIGHT], repeatable.")] = None,
+    pose: Annotated[Path | None, typer.Option("--pose", help="Pose image, OpenPose JSON, or photo.")] = None,
+    pose_source: Annotated[PoseSource, typer.Option("--pose-source")] = "auto",
+    control_scale: Annotated[float, typer.Option("--control-scale", min=0.0, max=2.0)] = 1.0,
+    control_start: Annotated[float, typer.Option("--control-start", min=0.0, max=1.0)] = 0.0,
+    control_end: Annotated[float, typer.Option("--control-end", min=0.0, max=1.0)] = 1.0,
+    init_image: Annotated[
+        Path | None, typer.Option("--init-image", help="Re-draft this picture (img2img).")
+    ] = None,
+    strength: Annotated[float, typer.Option("--strength", help="img2img: how much to change (0-1].")] = 0.75,
     output_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: config).")] = None,
     profile: Profile = "default",
     config_file: ConfigFile = None,
@@ -77,34 +99,125 @@ def generate(
     verbose: Verbose = False,
 ) -> None:
     """Render portraits from a text prompt."""
-    from studio.draft import DraftRequest
+    from studio.pipeline import GenerateRequest
+
+    request = GenerateRequest(
+        prompt=prompt,
+        negative=negative,
+        style=style,
+        variables=_pairs(variables or [], "--var", "="),
+        seed=seed,
+        count=count,
+        batch_size=batch_size,
+        width=width,
+        height=height,
+        steps=steps,
+        cfg=cfg,
+        sampler=sampler,
+        loras=tuple(_lora(item) for item in loras or []),
+        pose=pose,
+        pose_source=pose_source,
+        control_scale=control_scale,
+        control_start=control_start,
+        control_end=control_end,
+        init_image=init_image,
+        strength=strength,
+    )
+    studio, setup_s = _studio(profile, config_file, overrides, output_dir, debug, verbose)
+    _report(studio.generate(request), setup_s)
+
+
+@app.command()
+def reproduce(
+    image: Annotated[Path, typer.Argument(help="A PNG written by studio generate.")],
+    output_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: config).")] = None,
+    profile: Profile = "default",
+    config_file: ConfigFile = None,
+    overrides: Overrides = None,
+    debug: Debug = False,
+    verbose: Verbose = False,
+) -> None:
+    """Render an image again from the recipe stored in it; says whether the pixels are identical."""
+    studio, setup_s = _studio(profile, config_file, overrides, output_dir, debug, verbose)
+    result, identical = studio.reproduce(image)
+    _report(result, setup_s)
+    out.print(f"identical to {image}: {'yes' if identical else 'NO'}")
+
+
+def _studio(
+    profile: str,
+    config_file: Path | None,
+    overrides: list[str] | None,
+    output_dir: Path | None,
+    debug: bool,
+    verbose: bool,
+) -> tuple[Any, float]:
     from studio.pipeline import Studio
 
     extra = [f"output_dir={str(output_dir)!r}"] if output_dir else []
     config = _setup(profile, config_file, [*(overrides or []), *extra], debug, verbose)
     start = time.perf_counter()
     studio = Studio(config)
-    setup_s = time.perf_counter() - start
-    draft = config.draft
-    request = DraftRequest(
-        prompt=prompt,
-        negative=draft.negative if negative is None else negative,
-        seed=seed,
-        count=count,
-        width=width or draft.width,
-        height=height or draft.height,
-        steps=steps or draft.steps,
-        cfg=draft.cfg,
-        sampler=sampler or draft.sampler,
-    )
-    result = studio.generate(request)
+    return studio, time.perf_counter() - start
+
+
+def _report(result: Any, setup_s: float) -> None:
     for note in result.notes:
-        out.print(f"[bold yellow]note:[/] {note}")
+        out.print(f"[bold yellow]note:[/] {escape(note)}")
     timings = {"setup": setup_s, **result.timings}
     out.print("stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     for path in result.outputs:
         out.print(f"wrote {path}")
     out.print(f"config {result.config_file}")
+
+
+def _pairs(items: list[str], option: str, sep: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, found, value = item.partition(sep)
+        if not found or not key:
+            raise InputError(f"{option} {item!r} is not KEY{sep}VALUE.", fix=f"e.g. {option} age{sep}30.")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def _lora(item: str) -> tuple[str, float]:
+    name, _, weight = item.rpartition(":") if ":" in item else (item, "", "1.0")
+    try:
+        return name, float(weight)
+    except ValueError as err:
+        raise InputError(
+            f"--lora {item!r}: weight {weight!r} is not a number.", fix="e.g. --lora film:0.7."
+        ) from err
+
+
+@styles_app.command("list")
+def styles_list() -> None:
+    """List the style presets."""
+    from studio.styles import list_styles
+
+    table = Table("name", "sampler", "steps", "cfg", "size", "description")
+    for preset in list_styles():
+        table.add_row(
+            preset.name,
+            preset.sampler,
+            str(preset.steps),
+            str(preset.cfg),
+            f"{preset.width}x{preset.height}",
+            preset.description,
+        )
+    out.print(table)
+
+
+@styles_app.command("show")
+def styles_show(name: Annotated[str, typer.Argument(help="Preset name.")], debug: Debug = False) -> None:
+    """Show one style preset in full."""
+    from studio.styles import load_style
+
+    _setup("default", None, None, debug)
+    preset = load_style(name)
+    for key, value in vars(preset).items():
+        out.print(f"[bold]{key}[/]: {escape(str(value))}")
 
 
 @models_app.command("list")

@@ -89,7 +89,7 @@ def check(entry: ModelEntry, models: ModelsConfig, *, recheck: bool = False) -> 
         return ModelCheck(entry, None, "missing")
     if tree_size(path) != entry.size:
         return ModelCheck(entry, path, "corrupt")
-    digest = _cached_digest(path, models.dir, recheck=recheck)
+    digest = file_digest(path, models.dir, recheck=recheck)
     return ModelCheck(entry, path, "present" if digest == entry.sha256 else "corrupt")
 
 
@@ -105,7 +105,8 @@ def require_verified(entry: ModelEntry, models: ModelsConfig) -> Path:
     return path
 
 
-def _cached_digest(path: Path, models_dir: Path, *, recheck: bool) -> str:
+def file_digest(path: Path, models_dir: Path, *, recheck: bool = False) -> str:
+    """sha256 of a file (or folder tree), cached in the models folder by size and mtime."""
     cache_file = models_dir / VERIFIED_CACHE
     try:
         cache = json.loads(cache_file.read_text(encoding="utf-8"))

@@ -1,0 +1,47 @@
+"""Reading weight files safely: safetensors first; pickle formats only when allowed, and weights-only."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from studio.errors import UnsafeFileError
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SAFE_SUFFIXES = (".safetensors",)
+
+
+def check_weights_file(path: Path, *, allow_pickle: bool) -> None:
+    """Refuse pickle-format files unless the config allows them (they are then loaded weights-only)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in SAFE_SUFFIXES:
+        return
+    if suffix in PICKLE_SUFFIXES and allow_pickle:
+        logger.warning("%s is a pickle format: loading it weights-only (models.allow_pickle = true)", path)
+        return
+    if suffix in PICKLE_SUFFIXES:
+        raise UnsafeFileError(
+            f"{Path(path).name} is a pickle file ({suffix}); pickles can run code when loaded.",
+            fix="use a .safetensors version, or set models.allow_pickle = true to load it weights-only "
+            "(tensors only, no code).",
+        )
+    raise UnsafeFileError(
+        f"{Path(path).name}: {suffix or 'no extension'} is not a weights format the studio reads.",
+        fix=f"use {', '.join(SAFE_SUFFIXES + PICKLE_SUFFIXES)}.",
+    )
+
+
+def load_weights(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """A state dict from ``path``: safetensors, or ``torch.load(weights_only=True)`` when allowed."""
+    check_weights_file(path, allow_pickle=allow_pickle)
+    if Path(path).suffix.lower() in SAFE_SUFFIXES:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    while isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return state
