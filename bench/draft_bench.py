@@ -1,6 +1,6 @@
 """Draft-stage benchmark on the tiny profile; prints figures and ratios measured in one run.
 
-    uv run python bench/draft_bench.py [--size 256] [--steps 20] [--repeats 5]
+    uv run python bench/draft_bench.py [--size 256] [--steps 20] [--repeats 5] [--threads 1]
 
 (a) overhead: the studio's draft call (render_draft: scheduler, prompt weighting, LoRA state, image
     conversion) against a bare diffusers call on the same loaded components, steps and seed;
@@ -13,6 +13,7 @@ Timings on a shared CPU are noisy; the ratios are what to compare.
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import tempfile
 import time
@@ -26,12 +27,15 @@ from studio.draft.load import load_pipeline, resolve_base
 from studio.draft.loras import apply_loras, resolve_lora
 from studio.models import open_catalogue
 from studio.models.cache import ModelCache
-from studio.pipeline import GenerateRequest, Studio
+from studio.pipeline import Studio
+from studio.request import GenerateRequest
 
 
 def main() -> None:
     args = _args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)  # fixed, so both sides of each ratio run alike
+    for name in ("diffusers", "transformers", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(
             "tiny", overrides=[f"output_dir={tmp!r}", f"models.dir={str(Path(tmp) / 'm')!r}"]
@@ -81,6 +85,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args()
 
 

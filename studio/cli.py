@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
-from studio.config import StudioConfig, load_config
+from studio.config import FaceSelect, StudioConfig, load_config
 from studio.errors import InputError, StudioError
 from studio.types import PoseSource, Sampler
 
@@ -29,6 +29,8 @@ app.add_typer(models_app, name="models")
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 styles_app = typer.Typer(help="Style presets (prompts/*.toml).", no_args_is_help=True)
 app.add_typer(styles_app, name="styles")
+identity_app = typer.Typer(help="Enrolled identities (with consent records).", no_args_is_help=True)
+app.add_typer(identity_app, name="identity")
 app.add_typer(config_app, name="config")
 
 out = Console()
@@ -39,6 +41,13 @@ ConfigFile = Annotated[Path | None, typer.Option("--config", help="A TOML file l
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set draft.steps=20.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show progress logs.")]
+Identity = Annotated[
+    str | None,
+    typer.Option("--identity", "-i", help="Refine faces to NAME, or 0=anna,1=kenji by face order."),
+]
+Select = Annotated[FaceSelect | None, typer.Option("--select", help="Faces a single identity goes to.")]
+FaceIndex = Annotated[int, typer.Option("--face-index", min=0, help="With --select index.")]
+Match = Annotated[str | None, typer.Option("--match", help="With --select similarity: reference identity.")]
 
 
 def _setup(
@@ -91,6 +100,10 @@ def generate(
         Path | None, typer.Option("--init-image", help="Re-draft this picture (img2img).")
     ] = None,
     strength: Annotated[float, typer.Option("--strength", help="img2img: how much to change (0-1].")] = 0.75,
+    identity: Identity = None,
+    select: Select = None,
+    face_index: FaceIndex = 0,
+    match: Match = None,
     output_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: config).")] = None,
     profile: Profile = "default",
     config_file: ConfigFile = None,
@@ -99,7 +112,7 @@ def generate(
     verbose: Verbose = False,
 ) -> None:
     """Render portraits from a text prompt."""
-    from studio.pipeline import GenerateRequest
+    from studio.request import GenerateRequest
 
     request = GenerateRequest(
         prompt=prompt,
@@ -122,9 +135,35 @@ def generate(
         control_end=control_end,
         init_image=init_image,
         strength=strength,
+        identity=identity,
+        select=select,
+        face_index=face_index,
+        match=match,
     )
     studio, setup_s = _studio(profile, config_file, overrides, output_dir, debug, verbose)
     _report(studio.generate(request), setup_s)
+
+
+@app.command("refine")
+def refine_command(
+    images: Annotated[list[Path], typer.Argument(help="Existing pictures to re-face (never overwritten).")],
+    identity: Annotated[str, typer.Option("--identity", "-i", help="NAME, or 0=anna,1=kenji by face order.")],
+    select: Select = None,
+    face_index: FaceIndex = 0,
+    match: Match = None,
+    output_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: config).")] = None,
+    profile: Profile = "default",
+    config_file: ConfigFile = None,
+    overrides: Overrides = None,
+    debug: Debug = False,
+    verbose: Verbose = False,
+) -> None:
+    """Swap faces in existing images to enrolled identities (detect, swap, upscale, blend, QA)."""
+    from studio.request import GenerateRequest
+
+    request = GenerateRequest(prompt="", identity=identity, select=select, face_index=face_index, match=match)
+    studio, setup_s = _studio(profile, config_file, overrides, output_dir, debug, verbose)
+    _report(studio.refine_files(images, request), setup_s)
 
 
 @app.command()
@@ -164,6 +203,8 @@ def _studio(
 def _report(result: Any, setup_s: float) -> None:
     for note in result.notes:
         out.print(f"[bold yellow]note:[/] {escape(note)}")
+    for status in result.statuses:
+        out.print(f"refine: {escape(status)}")
     timings = {"setup": setup_s, **result.timings}
     out.print("stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     for path in result.outputs:
@@ -338,6 +379,92 @@ def config_show(
     from studio.config import config_to_dict
 
     out.print(tomli_w.dumps(config_to_dict(_setup(profile, config_file, overrides, debug))), markup=False)
+
+
+@identity_app.command("add")
+def identity_add(
+    name: Annotated[str, typer.Argument(help="Identity name (letters, digits, _ . -).")],
+    photos: Annotated[list[Path], typer.Argument(help="One or more photos with the person's face.")],
+    consent: Annotated[
+        str, typer.Option("--consent", help="The consent record, e.g. 'release #123, 2026-11-01'.")
+    ],
+    replace: Annotated[bool, typer.Option("--replace", help="Re-enrol an existing name.")] = False,
+    profile: Profile = "default",
+    config_file: ConfigFile = None,
+    overrides: Overrides = None,
+    debug: Debug = False,
+) -> None:
+    """Enrol an identity from photos; its embedding is cached in a safetensors file."""
+    studio, _ = _studio(profile, config_file, overrides, None, debug, False)
+    report = studio.enrol(name, photos, consent=consent, replace=replace)
+    for path, reason in report.rejected:
+        out.print(f"[yellow]rejected[/] {escape(str(path))}: {escape(reason)}")
+    for warning in report.warnings:
+        out.print(f"[yellow]warning:[/] {escape(warning)}")
+    out.print(
+        f"enrolled {report.identity.name} from {len(report.used)} photo(s): "
+        f"{studio.identities.path_for(report.identity.name)}"
+    )
+
+
+@identity_app.command("list")
+def identity_list(
+    profile: Profile = "default",
+    config_file: ConfigFile = None,
+    overrides: Overrides = None,
+    debug: Debug = False,
+) -> None:
+    """List enrolled identities, with consent and revocation."""
+    studio, _ = _studio(profile, config_file, overrides, None, debug, False)
+    table = Table("name", "photos", "consent", "created", "status")
+    for item in studio.identities.list():
+        status = f"[red]revoked {item.revoked}[/]" if item.revoked else "[green]active[/]"
+        table.add_row(item.name, str(len(item.source_sha256)), escape(item.consent), item.created, status)
+    out.print(table)
+
+
+@identity_app.command("show")
+def identity_show(
+    name: str,
+    profile: Profile = "default",
+    config_file: ConfigFile = None,
+    overrides: Overrides = None,
+    debug: Debug = False,
+) -> None:
+    """Show one identity's record (not its embedding)."""
+    studio, _ = _studio(profile, config_file, overrides, None, debug, False)
+    item = studio.identities.load(name)
+    for key in ("name", "consent", "created", "revoked", "recognizer_sha256"):
+        out.print(f"[bold]{key}[/]: {escape(str(getattr(item, key)))}")
+    out.print(f"[bold]photos[/]: {len(item.source_sha256)} ({', '.join(s[:12] for s in item.source_sha256)})")
+
+
+@identity_app.command("remove")
+def identity_remove(
+    name: str,
+    profile: Profile = "default",
+    config_file: ConfigFile = None,
+    overrides: Overrides = None,
+    debug: Debug = False,
+) -> None:
+    """Delete an identity's file."""
+    studio, _ = _studio(profile, config_file, overrides, None, debug, False)
+    studio.identities.remove(name)
+    out.print(f"removed {name}")
+
+
+@identity_app.command("revoke")
+def identity_revoke(
+    name: str,
+    profile: Profile = "default",
+    config_file: ConfigFile = None,
+    overrides: Overrides = None,
+    debug: Debug = False,
+) -> None:
+    """Revoke an identity's consent: it stays on record but can no longer be used."""
+    studio, _ = _studio(profile, config_file, overrides, None, debug, False)
+    item = studio.identities.revoke(name)
+    out.print(f"revoked {name} at {item.revoked}")
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ def test_generate_tiny_end_to_end(tiny_overrides: list[str], tmp_path: Path) -> 
     )
     assert proc.returncode == 0, proc.stderr
     assert "NOT portraits" in proc.stdout
-    assert "draft" in proc.stdout and "refine stage not built yet" in proc.stdout
+    assert "draft" in proc.stdout and "refine skipped: no --identity given" in proc.stdout
     outputs = sorted((tmp_path / "out").glob("*.png"))
     assert [p.name.split("-")[-1] for p in outputs] == ["7.png", "8.png"]
     image = read_image(outputs[0])

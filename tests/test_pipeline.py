@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
 from studio.config import load_config
-from studio.draft import DraftRequest
 from studio.imageio import parse_parameters, read_image, read_metadata
 from studio.pipeline import Studio
+from studio.request import GenerateRequest
 
-REQUEST = DraftRequest(
+REQUEST = GenerateRequest(
     prompt="a lighthouse keeper",
     negative="blurry",
     seed=5,
@@ -25,11 +24,11 @@ REQUEST = DraftRequest(
 )
 
 
-def test_two_requests_load_the_pipeline_once(tiny_overrides: list[str], tmp_path: Path) -> None:
+def test_two_requests_load_the_pipeline_once(tiny_overrides: list[str]) -> None:
     studio = Studio(load_config("tiny", overrides=tiny_overrides))
     first = studio.generate(REQUEST)
     second = studio.generate(replace(REQUEST, seed=6, count=1))
-    assert [n for n in studio.cache.loads.values()] == [1]
+    assert [n for key, n in studio.cache.loads.items() if key[0] == "draft-base"] == [1]
     assert len(first.outputs) == 2 and len(second.outputs) == 1
     assert set(first.timings) == {"load", "draft", "write"}
     # image i of a request is seed + i: request 2's first image (seed 6) is request 1's second; batched
@@ -48,4 +47,5 @@ def test_outputs_carry_parameters_and_recipe(tiny_overrides: list[str]) -> None:
     assert settings["Seed"] == "5" and settings["Sampler"] == "Euler" and settings["Size"] == "64x64"
     assert meta.recipe is not None and meta.recipe["profile"] == "tiny" and meta.recipe["stages"] == ["draft"]
     assert any("NOT portraits" in note for note in result.notes)
+    assert any("refine skipped" in note for note in result.notes)
     assert result.config_file.read_text().count("tiny-sd15") == 1

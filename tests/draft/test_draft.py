@@ -17,7 +17,8 @@ from studio.draft.load import resolve_base
 from studio.draft.loras import unload_all
 from studio.errors import InputError, ModelError, UnsafeFileError
 from studio.imageio import read_image, read_metadata, write_image
-from studio.pipeline import GenerateRequest, Studio
+from studio.pipeline import Studio
+from studio.request import GenerateRequest
 from studio.types import SAMPLERS
 
 FAST = {"steps": 2, "width": 64, "height": 64}
