@@ -43,7 +43,7 @@ def test_generate_tiny_end_to_end(tiny_overrides: list[str], tmp_path: Path) -> 
     meta = read_metadata(outputs[1])
     assert meta.parameters is not None and "Seed: 8" in meta.parameters
     assert (
-        meta.recipe is not None and meta.recipe["seed"] == 8 and meta.recipe["model"]["name"] == "tiny-sd15"
+        meta.recipe is not None and meta.recipe["seed"] == 8 and meta.recipe["model"]["label"] == "tiny-sd15"
     )
     assert len(list((tmp_path / "out").glob("*-config.toml"))) == 1
 

@@ -1,0 +1,56 @@
+"""`studio identity ...` and `studio refine` as a user runs them (subprocesses on the tiny profile)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+from skimage import data
+
+from studio.imageio import read_metadata, write_image
+
+STUDIO = [sys.executable, "-c", "from studio.cli import main; main()"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "220"}
+    return subprocess.run([*STUDIO, *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_enrol_refine_revoke(tiny_overrides: list[str], tmp_path: Path) -> None:
+    sets = [
+        a
+        for item in [*tiny_overrides, f"refine.identities_dir={str(tmp_path / 'ids')!r}"]
+        for a in ("--set", item)
+    ]
+    photo, master = tmp_path / "anna.png", tmp_path / "master.png"
+    write_image(photo, cv2.resize(data.astronaut()[:, :, ::-1], (256, 256)))  # RGB -> BGR
+    write_image(master, cv2.resize(data.coffee()[:, :, ::-1], (384, 384)))  # RGB -> BGR
+    added = _run(
+        "identity",
+        "add",
+        "anna",
+        str(photo),
+        "--consent",
+        "release #123, 2026-11-01",
+        "--profile",
+        "tiny",
+        *sets,
+    )
+    assert added.returncode == 0, added.stderr
+    assert "enrolled anna from 1 photo" in added.stdout and (tmp_path / "ids" / "anna.safetensors").is_file()
+    listed = _run("identity", "list", "--profile", "tiny", *sets)
+    assert "release #123, 2026-11-01" in listed.stdout and "active" in listed.stdout
+    refined = _run("refine", str(master), "--identity", "anna", "--profile", "tiny", *sets)
+    assert refined.returncode == 0, refined.stderr
+    assert "master.png: 1 face found" in refined.stdout and "similarity" in refined.stdout
+    out = next((tmp_path / "out").glob("master-anna*.png"))
+    assert read_metadata(out).recipe["refine"]["status"] == "ok"
+    assert _run("identity", "revoke", "anna", "--profile", "tiny", *sets).returncode == 0
+    refused = _run("refine", str(master), "--identity", "anna", "--profile", "tiny", *sets)
+    assert refused.returncode == 3 and "revoked" in refused.stderr and "Traceback" not in refused.stderr
+    bad = _run("identity", "add", "../evil", str(photo), "--consent", "x", "--profile", "tiny", *sets)
+    assert bad.returncode == 3 and "name" in bad.stderr
