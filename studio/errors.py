@@ -63,6 +63,10 @@ class UnsafeFileError(ModelError):
     """A file would need unpickling and pickle formats are not allowed."""
 
 
+class AdapterError(ModelError):
+    """A face-adapter file does not fit this base model, face encoder or format version."""
+
+
 class RuntimeSetupError(StudioError):
     """The requested device or execution provider cannot be used."""
 

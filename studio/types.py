@@ -67,3 +67,4 @@ class Identity:
     source_sha256: tuple[str, ...]  # sha256 of each enrolment photo
     created: str  # ISO-8601 UTC
     revoked: str | None = None  # ISO-8601 UTC time of revocation; a revoked identity cannot be used
+    face_tokens: npt.NDArray[np.float32] | None = None  # (K, T, C) per enrolment photo

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from studio.adapter.tokens import FaceTokenEncoder, Tokens
 from studio.config import RefineConfig
 from studio.errors import InputError, ModelError
 from studio.geometry import estimate_alignment, warp_to_crop
@@ -26,6 +28,7 @@ EMBEDDING_SIZE = 512
 _SCRFD_STRIDE = 32  # SCRFD's coarsest feature stride: the input side must be a multiple of it
 _PREPARED_ATTR = "_studio_prepared"  # (det_size, threshold) the detector was last prepared with
 _MIN_NORM = 1e-6  # an embedding shorter than this carries no direction
+_SAME_MODEL_COSINE = 0.999  # token encoder and recognizer embeddings of one crop agree this well
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -175,3 +178,44 @@ def _normalize_rows(raw: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
             fix="check the recognizer model file (studio models verify) and the runtime provider.",
         )
     return (raw / norms).astype(np.float32)  # (N, 512) float32, L2-normed
+
+
+# --- face-adapter tokens ----------------------------------------------------------------------
+
+
+def crop_tokens(
+    crops: Sequence[ImageBGR],
+    recognizer: Any,
+    embeddings: npt.NDArray[np.float32],
+    encoder: FaceTokenEncoder | None = None,
+) -> Tokens | None:
+    """Face-adapter tokens (N, T, C) of aligned crops, or None if the recognizer cannot give them.
+
+    ``encoder`` defaults to one built from the recognizer's own ONNX file and providers (insightface's
+    ArcFaceONNX keeps both). Its embeddings must agree with ``embeddings`` (N, 512), the recognizer's:
+    tokens from another model would mean nothing to an adapter trained on this one.
+    """
+    encoder = encoder or _encoder_for(recognizer)
+    if encoder is None or not crops:
+        return None
+    tokens, check = encoder.encode(crops)  # (N, T, C), (N, 512) L2-normed
+    cosines = np.einsum("nd,nd->n", check.astype(np.float64), embeddings.astype(np.float64))  # (N,)
+    if cosines.min() < _SAME_MODEL_COSINE:
+        raise ModelError(
+            f"The face-token encoder {encoder.model_path.name} is not the recognizer that made the "
+            f"embeddings (cosine {cosines.min():.3f} on the same crop).",
+            fix="build the token encoder from the refine.recognizer model file.",
+        )
+    return tokens
+
+
+def _encoder_for(recognizer: Any) -> FaceTokenEncoder | None:
+    """A token encoder on the recognizer's own ONNX file and providers; None if it has none or no tokens."""
+    model_file, session = getattr(recognizer, "model_file", None), getattr(recognizer, "session", None)
+    if model_file is None or session is None:
+        return None
+    try:
+        return FaceTokenEncoder(Path(model_file), session.get_providers())
+    except ModelError as err:
+        logger.warning("no face-adapter tokens from %s: %s", Path(model_file).name, err)
+        return None

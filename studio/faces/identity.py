@@ -1,7 +1,9 @@
 """The identity library: enrolled people as validated safetensors files, each with its consent record.
 
 One file per person, ``<folder>/<name>.safetensors``: tensors ``embedding`` (512,) float32 (the L2-normed
-mean) and ``photo_embeddings`` (K, 512) float32 (one L2-normed row per enrolment photo); string metadata
+mean), ``photo_embeddings`` (K, 512) float32 (one L2-normed row per enrolment photo) and, when the
+recognizer has a spatial map before its embedding head, ``face_tokens`` (K, T, C) float32 (the face
+adapter's tokens of each photo; files without it load with ``face_tokens=None``); string metadata
 ``format``, ``version``, ``name``, ``consent``, ``recognizer_sha256``, ``source_sha256`` (a JSON list, one
 per row), ``created`` and ``revoked`` (ISO-8601 UTC, "" when not revoked). Files are written atomically and
 validated on every load; pickles (and every other format) are refused, never opened.
@@ -25,9 +27,17 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from studio.adapter.tokens import FaceTokenEncoder
 from studio.config import RefineConfig
 from studio.errors import IdentityError, ImageError
-from studio.faces.detect import EMBEDDING_SIZE, DetectSettings, align_crops, detect_faces, embed_crops
+from studio.faces.detect import (
+    EMBEDDING_SIZE,
+    DetectSettings,
+    align_crops,
+    crop_tokens,
+    detect_faces,
+    embed_crops,
+)
 from studio.files import sha256_file, write_bytes_atomic
 from studio.imageio import read_image
 from studio.types import Identity, ImageBGR
@@ -137,6 +147,7 @@ class IdentityLibrary:
         settings: EnrolSettings,
         max_pixels: int,
         replace: bool = False,
+        token_encoder: FaceTokenEncoder | None = None,
     ) -> EnrolReport:
         """Enrol ``name`` from photos of one person, with its consent record; save it atomically."""
         # 1. check inputs before any model runs
@@ -151,17 +162,19 @@ class IdentityLibrary:
             )
         # 2. per-photo gates: readable, one face, large, confident and sharp enough
         accepted, rejected, warnings = _examine_photos(photos, detector, settings, max_pixels)
-        # 3. embed every accepted face in one batch, then drop photos unlike the others
-        embeddings = embed_crops([a.crop for a in accepted], recognizer)  # (K, 512) float32
+        # 3. embed every accepted face in one batch (and take its face tokens), drop photos unlike the others
+        crops = [a.crop for a in accepted]
+        embeddings = embed_crops(crops, recognizer)  # (K, 512) float32
+        tokens = crop_tokens(crops, recognizer, embeddings, token_encoder)  # (K, T, C) float32 or None
         outliers = _reject_outliers(embeddings, settings.outlier)  # row -> reason
         rejected += [(accepted[i].path, reason) for i, reason in sorted(outliers.items())]
         kept = [i for i in range(len(accepted)) if i not in outliers]
         if not kept:
             raise _nothing_left(name, rejected)
         # 4. the identity: mean of the kept embeddings, renormalised; saved atomically
-        identity = _build_identity(
-            name, embeddings[kept], [accepted[i].sha256 for i in kept], consent, recognizer_sha256
-        )
+        sources = [accepted[i].sha256 for i in kept]
+        kept_tokens = None if tokens is None else tokens[kept]
+        identity = _build_identity(name, embeddings[kept], sources, consent, recognizer_sha256, kept_tokens)
         self._save(path, identity)
         used = tuple(accepted[i].path for i in kept)
         logger.info("enrolled %r from %d photo(s) (%d rejected) in %s", name, len(used), len(rejected), path)
@@ -380,9 +393,14 @@ def _nothing_left(name: str, rejected: Sequence[tuple[Path, str]]) -> IdentityEr
 
 
 def _build_identity(
-    name: str, embeddings: npt.NDArray[np.float32], sources: Sequence[str], consent: str, recognizer: str
+    name: str,
+    embeddings: npt.NDArray[np.float32],
+    sources: Sequence[str],
+    consent: str,
+    recognizer: str,
+    tokens: npt.NDArray[np.float32] | None = None,
 ) -> Identity:
-    """The Identity record: the kept rows and their renormalised mean."""
+    """The Identity record: the kept rows, their renormalised mean and their face tokens (if any)."""
     mean = embeddings.astype(np.float64).mean(axis=0)  # (512,)
     norm = float(np.linalg.norm(mean))
     if norm < 1e-6:
@@ -397,6 +415,7 @@ def _build_identity(
         recognizer_sha256=recognizer,
         source_sha256=tuple(sources),
         created=_now(),
+        face_tokens=tokens,  # (K, T, C) float32 face-adapter tokens, or None
     )
 
 
@@ -409,11 +428,13 @@ def _now() -> str:
 
 
 def _serialize(identity: Identity) -> bytes:
-    """The safetensors bytes of an identity file: two float32 tensors and string metadata."""
+    """The safetensors bytes of an identity file: two or three float32 tensors and string metadata."""
     tensors = {
         "embedding": np.ascontiguousarray(identity.embedding, dtype=np.float32),  # (512,)
         "photo_embeddings": np.ascontiguousarray(identity.photo_embeddings, dtype=np.float32),  # (K, 512)
     }
+    if identity.face_tokens is not None:
+        tensors["face_tokens"] = np.ascontiguousarray(identity.face_tokens, dtype=np.float32)  # (K, T, C)
     metadata = {
         "format": IDENTITY_FORMAT,
         "version": IDENTITY_VERSION,
@@ -455,6 +476,7 @@ def _parse_identity(path: Path, name: str, data: bytes) -> Identity:
     photos = _checked_tensor(path, tensors, "photo_embeddings", ndim=2)
     if len(photos) == 0 or len(photos) != len(sources):
         raise _bad_file(path, f"{len(photos)} photo embeddings but {len(sources)} photo checksums")
+    face_tokens = _checked_tokens(path, tensors.get("face_tokens"), len(photos))
     return Identity(
         name=name,
         embedding=embedding,
@@ -464,6 +486,7 @@ def _parse_identity(path: Path, name: str, data: bytes) -> Identity:
         source_sha256=tuple(sources),
         created=meta["created"],
         revoked=meta["revoked"] or None,
+        face_tokens=face_tokens,
     )
 
 
@@ -505,3 +528,16 @@ def _checked_tensor(
         worst = float(norms.flat[int(np.argmax(np.abs(norms - 1.0)))])
         raise _bad_file(path, f"tensor {key!r} is not L2-normed (norm {worst:.4f}, expected 1 ± 0.001)")
     return tensor
+
+
+def _checked_tokens(path: Path, tokens: np.ndarray | None, photos: int) -> npt.NDArray[np.float32] | None:
+    """The optional ``face_tokens`` tensor: (K, T, C) float32, finite, one token set per photo."""
+    if tokens is None:
+        return None
+    if tokens.ndim != 3 or len(tokens) != photos or 0 in tokens.shape:
+        raise _bad_file(path, f"tensor 'face_tokens' has shape {tokens.shape}, expected ({photos}, T, C)")
+    if tokens.dtype != np.float32:
+        raise _bad_file(path, f"tensor 'face_tokens' has dtype {tokens.dtype}, expected float32")
+    if not np.isfinite(tokens).all():
+        raise _bad_file(path, "tensor 'face_tokens' holds NaN or infinite values")
+    return tokens
