@@ -130,6 +130,15 @@ class RefineConfig:
 
 
 @dataclass(frozen=True)
+class AdapterConfig:
+    """Identity-conditioned drafts: which adapter files, and how strongly they steer."""
+
+    fact: str = "adapters/fact-sd15.safetensors"  # catalogue name or file (relative to the project folder)
+    faceid: str = "ip_adapter_faceid_sd15"  # catalogue name or file of IP-Adapter-FaceID
+    scale: float = field(default=0.8, metadata=_range(0.0, 2.0))
+
+
+@dataclass(frozen=True)
 class StudioConfig:
     """The whole validated configuration."""
 
@@ -142,6 +151,7 @@ class StudioConfig:
     images: ImagesConfig = ImagesConfig()
     draft: DraftConfig = DraftConfig()
     refine: RefineConfig = RefineConfig()
+    adapter: AdapterConfig = AdapterConfig()
 
 
 def load_config(

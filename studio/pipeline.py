@@ -6,17 +6,18 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from studio.config import StudioConfig, write_resolved_config
+from studio.config import StudioConfig, config_dir, write_resolved_config
 from studio.draft import DraftRequest, plan_batches, prepare_draft, render_draft
+from studio.draft.face import FaceCondition
 from studio.draft.load import BaseModel
-from studio.errors import InputError
+from studio.errors import InputError, ModelError
 from studio.faces import (
     FaceModels,
     RefineResult,
@@ -33,6 +34,8 @@ from studio.imageio import format_parameters, read_image, read_metadata, write_i
 from studio.models import open_catalogue
 from studio.models.cache import ModelCache
 from studio.models.catalogue import Catalogue, ModelEntry, ensure_allowed
+from studio.models.store import file_digest, require_verified
+from studio.models.weights import check_weights_file
 from studio.recipe import a1111_settings, check_recipe, make_recipe
 from studio.request import GenerateRequest, build_draft_request, check_inputs_unchanged, request_from_recipe
 from studio.types import Identity, ImageBGR
@@ -79,10 +82,12 @@ class Studio:
         timings: dict[str, float] = {}
         # 1. the draft request: style, template, LoRAs, pose and init image resolved and checked
         draft, inputs = build_draft_request(request, self.catalogue, self.config)
+        draft = replace(draft, face=self._face_condition(request))
         # 2. models: licences checked before any work, then loaded (once per process)
         with _timed(timings, "load"):
-            base = self._prepare(draft, refining=request.identity is not None)
-            refiner = self._refiner(request) if request.identity else None
+            refining = request.identity is not None and (self.config.refine.enabled or not request.adapter)
+            base = self._prepare(draft, refining=refining)
+            refiner = self._refiner(request) if refining else None
         # 3. draft → refine, writing each image as its batch finishes (an interruption keeps finished ones)
         notes = self._notes(refiner)
         return self._render(draft, base, inputs, notes, timings, refiner)
@@ -94,11 +99,13 @@ class Studio:
         )
         again = request_from_recipe(recipe)
         draft, inputs = build_draft_request(again, self.catalogue, self.config)
+        draft = replace(draft, face=self._face_condition(again))
         check_inputs_unchanged(recipe.get("inputs", {}), inputs)
         timings: dict[str, float] = {}
         with _timed(timings, "load"):
-            base = self._prepare(draft, refining=again.identity is not None)
-            refiner = self._refiner(again) if again.identity else None
+            refining = bool(recipe.get("refine"))
+            base = self._prepare(draft, refining=refining)
+            refiner = self._refiner(again) if refining else None
         if base.sha256 and base.sha256 != recipe["model"]["sha256"]:
             raise InputError(
                 f"The recipe's model {recipe['model']['label']!r} has changed on disk.",
@@ -133,6 +140,44 @@ class Studio:
         settings = RefineSettings.from_config(self.config, select=request.select, index=request.face_index)
         reference = identities[request.match] if request.match else None
         return _Refiner(spec, request.identity or "", identities, models, settings, reference)
+
+    def _face_condition(self, request: GenerateRequest) -> FaceCondition | None:
+        """The identity adapter the request asks for (FACT or IP-Adapter-FaceID), checked and located."""
+        if request.adapter is None:
+            return None
+        if not request.identity:
+            raise InputError(
+                f"--adapter {request.adapter} needs an identity to steer toward.",
+                fix="add --identity NAME (enrol it first with `studio identity add`).",
+            )
+        spec = parse_identity_spec(request.identity)
+        if spec.name is None:
+            raise InputError(
+                f"--adapter steers the draft toward one identity; got the mapping {request.identity!r}.",
+                fix="pass --identity NAME with --adapter (mappings work for the refine stage).",
+            )
+        recognizer = self.catalogue.entry(self.config.refine.recognizer, "recognizer")
+        identity = self.identities.get(spec.name, recognizer_sha256=recognizer.sha256)
+        ref = self.config.adapter.fact if request.adapter == "fact" else self.config.adapter.faceid
+        path, sha = self._adapter_file(ref, request.adapter)
+        scale = self.config.adapter.scale if request.adapter_scale is None else request.adapter_scale
+        return FaceCondition(request.adapter, path, sha, identity, scale)
+
+    def _adapter_file(self, ref: str, kind: str) -> tuple[Path, str]:
+        entry = self.catalogue.get(ref)
+        if entry is not None and entry.kind == "adapter":
+            ensure_allowed([entry], commercial=self.config.commercial)
+            return require_verified(entry, self.config.models), entry.sha256
+        path = Path(ref).expanduser()
+        path = path if path.is_absolute() else config_dir().parent / path
+        if not path.is_file():
+            hint = "train one with train_adapter.py" if kind == "fact" else "run `studio models pull`"
+            raise ModelError(
+                f"The {kind} adapter {ref!r} is neither a catalogue entry nor a file ({path}).",
+                fix=f"{hint}, or point adapter.{'fact' if kind == 'fact' else 'faceid'} at it.",
+            )
+        check_weights_file(path, allow_pickle=self.config.models.allow_pickle)
+        return path, file_digest(path, self.config.models.dir)
 
     @property
     def identities(self) -> IdentityLibrary:

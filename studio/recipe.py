@@ -49,6 +49,14 @@ def make_recipe(
             "start": control.start,
             "end": control.end,
         },
+        "adapter": None
+        if request.face is None
+        else {
+            "kind": request.face.kind,
+            "identity": request.face.identity.name,
+            "weights_sha256": request.face.weights_sha256,
+            "scale": request.face.scale,
+        },
         "inputs": inputs,  # {"init_image": {"path", "sha256"}, "pose": {"path", "sha256", "source"}}
         "stages": ["draft"],
         "notes": list(notes),
@@ -71,6 +79,10 @@ def a1111_settings(request: DraftRequest, base: BaseModel, seed: int) -> dict[st
         settings["Denoising strength"] = request.strength
     if request.loras:
         settings["Lora hashes"] = ", ".join(f"{lo.name}: {lo.sha256[:12]}" for lo, _ in request.loras)
+    if request.face is not None:
+        settings["Face adapter"] = (
+            f"{request.face.kind} {request.face.identity.name} scale {request.face.scale}"
+        )
     if request.control is not None:
         settings["ControlNet"] = f"{request.control.model.name} weight {request.control.scale}"
     return settings

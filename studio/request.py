@@ -20,7 +20,7 @@ from studio.imageio import read_image
 from studio.models.catalogue import Catalogue
 from studio.prompts import fill_template
 from studio.styles import StylePreset, load_style
-from studio.types import ImageBGR, PoseSource, Sampler
+from studio.types import FaceAdapterKind, ImageBGR, PoseSource, Sampler
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ class GenerateRequest:
     select: FaceSelect | None = None  # which faces a single identity goes to (default: config)
     face_index: int = 0  # with select = "index"
     match: str | None = None  # with select = "similarity": the reference identity
+    adapter: FaceAdapterKind | None = None  # steer the draft itself toward --identity
+    adapter_scale: float | None = None  # default: config adapter.scale
 
 
 def build_draft_request(
@@ -93,6 +95,7 @@ def request_from_recipe(recipe: dict[str, Any]) -> GenerateRequest:
     inputs = recipe.get("inputs", {})
     control = recipe.get("control") or {}
     refine = (recipe.get("refine") or {}).get("request", {})
+    adapter = recipe.get("adapter") or {}
     return GenerateRequest(
         prompt=recipe["prompt"],
         negative=recipe["negative"],
@@ -113,10 +116,12 @@ def request_from_recipe(recipe: dict[str, Any]) -> GenerateRequest:
         control_scale=control.get("scale", 1.0),
         control_start=control.get("start", 0.0),
         control_end=control.get("end", 1.0),
-        identity=refine.get("identity"),
+        identity=refine.get("identity") or adapter.get("identity"),
         select=refine.get("select"),
         face_index=refine.get("face_index", 0),
         match=refine.get("match"),
+        adapter=adapter.get("kind"),
+        adapter_scale=adapter.get("scale"),
     )
 
 

@@ -29,7 +29,7 @@ from studio.cli.common import (
 from studio.cli.library import identity_app, styles_app
 from studio.cli.models import config_app, models_app
 from studio.errors import InputError, StudioError
-from studio.types import PoseSource, Sampler
+from studio.types import FaceAdapterKind, PoseSource, Sampler
 
 app = typer.Typer(
     help="Portrait Studio: text prompt → portrait.", pretty_exceptions_enable=False, no_args_is_help=True
@@ -78,6 +78,12 @@ def generate(
     select: Select = None,
     face_index: FaceIndex = 0,
     match: Match = None,
+    adapter: Annotated[
+        FaceAdapterKind | None, typer.Option("--adapter", help="Steer the draft toward --identity.")
+    ] = None,
+    adapter_scale: Annotated[
+        float | None, typer.Option("--adapter-scale", min=0.0, max=2.0, help="Adapter strength.")
+    ] = None,
     output_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: config).")] = None,
     profile: Profile = "default",
     config_file: ConfigFile = None,
@@ -113,6 +119,8 @@ def generate(
         select=select,
         face_index=face_index,
         match=match,
+        adapter=adapter,
+        adapter_scale=adapter_scale,
     )
     studio, setup_s = make_studio(profile, config_file, overrides, output_dir, debug, verbose)
     report(studio.generate(request), setup_s)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from studio.config import StudioConfig
+from studio.draft.face import FaceCondition, face_call_kwargs, prepare_face
 from studio.draft.load import BaseModel, load_pipeline, resolve_base
 from studio.draft.loras import ResolvedLora, apply_loras
 from studio.draft.schedulers import make_scheduler
@@ -58,6 +59,7 @@ class DraftRequest:
     init_image: ImageBGR | None = None  # img2img: re-draft this picture
     strength: float = 0.75
     control: ControlSpec | None = None
+    face: FaceCondition | None = None  # identity-conditioned draft (FACT or IP-Adapter-FaceID)
     batches: tuple[tuple[int, ...], ...] = field(default=())  # filled by plan_batches
 
 
@@ -85,16 +87,18 @@ def render_draft(
     control = request.control
     pipe = load_pipeline(base, variant, control.model if control else None, config, cache)
     pipe.scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
-    apply_loras(pipe, request.loras, config, cache)
+    prepared = prepare_face(pipe, request.face, base.family, config, cache)
+    apply_loras(pipe, request.loras, config, cache, keep_active=prepared.keep_active)
     _vae_tiling(pipe, config, request.width * request.height)
     # 3. one batch at a time; one CPU generator per image, so image k depends only on seed + k
     for seeds in request.batches or plan_batches(request.count, request.batch_size, request.seed):
-        images = _forward_batch(pipe, request, seeds, variant)
+        face = face_call_kwargs(pipe, request.face, prepared, batch=len(seeds), cfg=request.cfg > 1.0)
+        images = _forward_batch(pipe, request, seeds, variant, face)
         yield from zip(seeds, (from_pil(image) for image in images), strict=True)
 
 
 def _forward_batch(
-    pipe: object, request: DraftRequest, seeds: tuple[int, ...], variant: str
+    pipe: object, request: DraftRequest, seeds: tuple[int, ...], variant: str, face: dict[str, object]
 ) -> list[Image.Image]:
     n = len(seeds)
     embeds = encode_prompts(pipe, [request.prompt] * n, [request.negative] * n)
@@ -103,6 +107,7 @@ def _forward_batch(
         "num_inference_steps": request.steps,
         "guidance_scale": request.cfg,
         "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds],
+        **face,
     }
     if variant == "img2img":
         kwargs |= {"image": [_init_image(request)] * n, "strength": request.strength}

@@ -193,4 +193,3 @@ def _apply_performance(pipe: Any, perf: PerformanceConfig, device: torch.device)
     else:
         pipe.to(device)
     return pipe
-

@@ -11,13 +11,14 @@ import logging
 import pickle
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
 
+from studio.adapter.ipadapter import unload_faceid
 from studio.config import StudioConfig, config_dir
 from studio.errors import InputError
 from studio.models.cache import ModelCache
@@ -67,9 +68,14 @@ def resolve_lora(name: str, catalogue: Catalogue, config: StudioConfig) -> Resol
 
 
 def apply_loras(
-    pipe: Any, loras: Sequence[tuple[ResolvedLora, float]], config: StudioConfig, cache: ModelCache
+    pipe: Any,
+    loras: Sequence[tuple[ResolvedLora, float]],
+    config: StudioConfig,
+    cache: ModelCache,
+    *,
+    keep_active: Mapping[str, float] | None = None,
 ) -> None:
-    """Make exactly ``loras`` (with their weights) active on ``pipe``; load what is not resident."""
+    """Make exactly ``loras`` (plus ``keep_active`` adapters, e.g. FaceID's LoRA) active on ``pipe``."""
     resident: OrderedDict[str, None] = cache.get(("lora-resident", id(pipe.unet)), OrderedDict)
     for lora, _ in loras:
         if lora.adapter_name not in resident:
@@ -77,15 +83,18 @@ def apply_loras(
         resident[lora.adapter_name] = None
         resident.move_to_end(lora.adapter_name)
     _evict(pipe, resident, keep={lora.adapter_name for lora, _ in loras}, limit=config.draft.max_loaded_loras)
-    if loras:
+    active = {lora.adapter_name: weight for lora, weight in loras} | dict(keep_active or {})
+    if active:
         pipe.enable_lora()
-        pipe.set_adapters([lora.adapter_name for lora, _ in loras], adapter_weights=[w for _, w in loras])
+        pipe.set_adapters(list(active), adapter_weights=list(active.values()))
     elif resident:
         pipe.disable_lora()
 
 
 def unload_all(pipe: Any, cache: ModelCache) -> None:
     """Remove every LoRA from ``pipe``, restoring the base weights exactly."""
+    unload_faceid(pipe)  # FaceID's own LoRA goes with its IP branch, never without it
+    cache.drop(("face-state", id(pipe.unet)))
     pipe.unload_lora_weights()
     cache.drop(("lora-resident", id(pipe.unet)))
 

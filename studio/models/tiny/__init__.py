@@ -19,9 +19,11 @@ import tomli_w
 
 from studio.files import sha256_file, tree_sha256, tree_size, write_text_atomic
 from studio.models.catalogue import KIT_CATALOGUE
+from studio.models.tiny.adapter import write_fact_fixture
 from studio.models.tiny.diffusion import write_controlnet, write_sd15
 from studio.models.tiny.esrgan import write_esrgan
 from studio.models.tiny.faces import FIXTURE_FACE_BOX, write_detector, write_recognizer, write_swapper
+from studio.models.tiny.ipadapter import write_tiny_faceid
 from studio.models.tiny.loras import write_loras
 from studio.models.tiny.sdxl import write_controlnet_sdxl, write_sdxl
 
@@ -71,6 +73,16 @@ def _write_files(root: Path, seed: int) -> dict[str, dict[str, Any]]:
     # 4. Stable Diffusion XL architecture: diffusers folder + single-file (SGM) checkpoint, ControlNet
     write_sdxl(root / "tiny-sdxl", root / "tiny-sdxl.safetensors", seed=seed + 8)
     write_controlnet_sdxl(root / "tiny-controlnet-openpose-sdxl", root / "tiny-sdxl" / "unet", seed=seed + 9)
+    # 5. identity adapters: a FACT fixture and IP-Adapter-FaceID in the public (pickle .bin) format
+    write_fact_fixture(
+        root / "adapters" / "tiny-fact.safetensors",
+        root / "tiny-sd15",
+        faces / "tiny_arcface.onnx",
+        seed=seed + 10,
+    )
+    write_tiny_faceid(
+        root / "ipadapter" / "tiny-ip-adapter-faceid.bin", root / "tiny-sd15" / "unet", seed=seed + 11
+    )
     return {
         "tiny-sd15": _entry(
             "sd15", "tiny-sd15.safetensors", "SD 1.5 architecture, single-file checkpoint", config="tiny-sd15"
@@ -123,6 +135,18 @@ def _write_files(root: Path, seed: int) -> dict[str, dict[str, Any]]:
         ),
         "tiny-realesrgan-x2": _entry("upscaler", "upscale/tiny-realesrgan-x2.pth", "RRDBNet x2", io=arch2),
         "tiny-realesrgan-x4": _entry("upscaler", "upscale/tiny-realesrgan-x4.pth", "RRDBNet x4", io=arch4),
+        "tiny-fact-adapter": _entry(
+            "adapter",
+            "adapters/tiny-fact.safetensors",
+            "FACT face adapter for tiny-sd15",
+            fixture="random weights with its gates opened: steers, but not trained",
+        ),
+        "tiny-ipadapter-faceid": _entry(
+            "adapter",
+            "ipadapter/tiny-ip-adapter-faceid.bin",
+            "IP-Adapter-FaceID for tiny-sd15, public .bin format",
+            fixture="random weights: changes the picture, not trained",
+        ),
     }
 
 
