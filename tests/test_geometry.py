@@ -208,13 +208,94 @@ def test_paste_back_never_warps_the_whole_frame(monkeypatch: pytest.MonkeyPatch)
         canvas = np.zeros((side, side, 3), np.uint8)
         affine = geometry.estimate_alignment(_face_landmarks((side / 2, side / 2), 350.0, 20.0), 128)
         crop = np.full((128, 128, 3), 200, np.uint8)
+        mask = crop_mask(128, MaskSettings())
         sizes.clear()
-        pasted = geometry.paste_back(canvas, crop, affine, crop_mask(128, MaskSettings()))
-        x0, y0, x1, y1 = geometry.crop_region(affine, 128, canvas.shape[:2])
+        pasted = geometry.paste_back(canvas, crop, affine, mask)
+        x0, y0, x1, y1 = geometry.mask_region(affine, mask, canvas.shape[:2])
         assert sizes == [(x1 - x0, y1 - y0)] * 2  # the crop and its mask, each warped into the ROI only
         assert pasted[y0:y1, x0:x1].any() and not _outside(pasted, (x0, y0, x1, y1)).any()
         rois.append((x1 - x0, y1 - y0))
     assert rois[0] == rois[1] and max(rois[0]) < 350 * 1.4  # work follows the face, not the canvas
+
+
+@pytest.mark.parametrize(
+    "settings", [MaskSettings(), MaskSettings("box", 0.1, 0.05), MaskSettings("ellipse", 0.2)]
+)
+@pytest.mark.parametrize("index", range(5))
+def test_mask_region_holds_every_pixel_a_paste_can_change(settings: MaskSettings, index: int) -> None:
+    affine = geometry.estimate_alignment(_landmark_sets()[index], 128)
+    mask = crop_mask(128, settings)
+    footprint = cv2.warpAffine(mask, cv2.invertAffineTransform(affine), (512, 512))  # HxW full frame
+    ys, xs = np.nonzero(footprint)  # every canvas pixel a paste through this mask can change
+    x0, y0, x1, y1 = geometry.mask_region(affine, mask, (512, 512))
+    square = geometry.crop_region(affine, 128, (512, 512))
+    assert square[0] <= x0 <= x1 <= square[2] and square[1] <= y0 <= y1 <= square[3]  # never beyond the crop
+    if len(xs):
+        assert x0 <= xs.min() and y0 <= ys.min() and x1 > xs.max() and y1 > ys.max()
+
+
+def test_mask_region_follows_the_mask_not_the_crop_square() -> None:
+    affine = geometry.estimate_alignment(_face_landmarks((256.0, 256.0), 300.0), 128)
+    square = geometry.crop_region(affine, 128, (512, 512))
+    oval = geometry.mask_region(affine, crop_mask(128, MaskSettings()), (512, 512))
+    assert (oval[2] - oval[0]) < 0.9 * (square[2] - square[0])  # an upright oval spans 85% of the width
+    assert geometry.mask_region(affine, np.zeros((128, 128), np.float32), (512, 512)) == (0, 0, 0, 0)
+    # a mask nonzero on the crop's border reaches one crop px (here ~2.3 canvas px) beyond the square
+    full = geometry.mask_region(affine, np.ones((128, 128), np.float32), (512, 512))
+    assert full[0] < square[0] and full[2] > square[2]
+
+
+def test_paste_back_matches_a_whole_frame_paste_with_a_mask_nonzero_to_its_edge() -> None:
+    image = _astronaut()
+    affine = geometry.estimate_alignment(_face_landmarks((256.0, 240.0), 260.0, 15.0), 128)
+    crop = 255 - geometry.warp_to_crop(_smooth_image(), affine, 128)
+    mask = np.ones((128, 128), np.float32)  # weight right up to the crop's edge: bilinear reaches past it
+    pasted = geometry.paste_back(image, crop, affine, mask)
+    reference = _full_frame_reference(image, crop, affine, mask)
+    assert np.abs(pasted.astype(np.int16) - reference).max() <= 1
+    assert not _outside(
+        np.abs(pasted.astype(np.int16) - image), geometry.mask_region(affine, mask, (512, 512))
+    ).any()
+
+
+def test_paste_back_is_byte_identical_to_a_three_channel_warp_and_blend() -> None:
+    # the crop is warped with a padding alpha plane (OpenCV vectorises 4 channels only): same bytes as 3
+    image = _astronaut()
+    for landmarks in _landmark_sets():
+        affine = geometry.estimate_alignment(landmarks, 128)
+        crop = 255 - geometry.warp_to_crop(_smooth_image(), affine, 128)
+        mask = crop_mask(128, MaskSettings())
+        x0, y0, x1, y1 = geometry.mask_region(affine, mask, image.shape[:2])
+        to_roi = cv2.invertAffineTransform(affine)
+        to_roi[:, 2] -= (x0, y0)
+        size = (x1 - x0, y1 - y0)  # (width, height)
+        warped = cv2.warpAffine(crop, to_roi, size, borderMode=cv2.BORDER_REPLICATE)  # 3 channels
+        weight = cv2.warpAffine(mask, to_roi, size, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+        expected = image.copy()
+        expected[y0:y1, x0:x1] = cv2.blendLinear(warped, image[y0:y1, x0:x1], weight, 1.0 - weight)
+        np.testing.assert_array_equal(geometry.paste_back(image, crop, affine, mask), expected)
+
+
+def test_paste_back_in_place_changes_and_returns_the_callers_canvas() -> None:
+    image = _astronaut()
+    crop, affine = _face_crop_of(image)
+    swapped = 255 - crop
+    mask = crop_mask(128, MaskSettings())
+    copied = geometry.paste_back(image, swapped, affine, mask)
+    target = image.copy()
+    returned = geometry.paste_back(target, swapped, affine, mask, inplace=True)
+    assert returned is target and copied is not image
+    np.testing.assert_array_equal(returned, copied)
+    assert not np.array_equal(copied, image)
+    untouched = image.copy()
+    empty = np.zeros((128, 128), np.float32)
+    assert geometry.paste_back(untouched, swapped, affine, empty, inplace=True) is untouched
+    np.testing.assert_array_equal(untouched, image)  # an all-zero mask changes nothing
+
+
+def _face_crop_of(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    affine = geometry.estimate_alignment(ASTRONAUT_LANDMARKS, 128)
+    return geometry.warp_to_crop(image, affine, 128), affine
 
 
 def test_rescale_affine_matches_an_upscaled_crop() -> None:

@@ -140,6 +140,34 @@ def test_match_colour_brings_source_to_target_statistics() -> None:
     assert np.corrcoef(source_l, matched_l)[0, 1] > 0.995
 
 
+def _reinhard_float64(source: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Reinhard transfer written plainly in float64 (test oracle for the float32 implementation)."""
+    to_lab = [cv2.cvtColor(img.astype(np.float32) / 255, cv2.COLOR_BGR2LAB) for img in (source, target)]
+    source_lab, target_lab = (lab.reshape(-1, 3).astype(np.float64) for lab in to_lab)  # HxWx3 -> (H*W, 3)
+    weights = mask.reshape(-1).astype(np.float64)  # HxW -> (H*W,)
+    stats = []
+    for lab in (source_lab, target_lab):
+        mean = weights @ lab / weights.sum()
+        stats.append((mean, np.sqrt(weights @ (lab - mean) ** 2 / weights.sum())))
+    (source_mean, source_std), (target_mean, target_std) = stats
+    ratio = np.clip(target_std / source_std, 0.25, 4.0)
+    matched = ((source_lab - source_mean) * ratio + target_mean).reshape(source.shape)  # (H*W, 3) -> HxWx3
+    matched[:, :, 0] = np.clip(matched[:, :, 0], 0, 100)
+    bgr = cv2.cvtColor(matched.astype(np.float32), cv2.COLOR_LAB2BGR)  # HxWx3 L, a, b -> B, G, R in [0, 1]
+    return np.clip(np.rint(bgr * 255), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("shift", "scale"), [((-12.0, 9.0, -7.0), 0.7), ((20.0, -15.0, 10.0), 1.6)])
+def test_match_colour_is_within_a_level_of_a_float64_transfer(
+    shift: tuple[float, float, float], scale: float
+) -> None:
+    target, _ = _face_crop(_astronaut())
+    source = _shifted(target, shift, scale)
+    for mask in (crop_mask(128, MaskSettings()), crop_mask(128, MaskSettings("box", 0.1, 0.3))):
+        matched = match_colour(source, target, mask)
+        assert np.abs(matched.astype(np.int16) - _reinhard_float64(source, target, mask)).max() <= 1
+
+
 def test_match_colour_weights_by_the_mask() -> None:
     target = np.zeros((64, 64, 3), np.uint8)
     target[:, :32] = (40, 60, 200)  # left half red-ish: the only part inside the mask
@@ -219,6 +247,18 @@ def test_blend_face_pastes_an_upscaled_crop() -> None:
     assert np.abs(blended.astype(np.int16) - image).max() <= 3
     region = geometry.crop_region(geometry.rescale_affine(affine, 4), 512, image.shape[:2])
     assert region == pytest.approx(geometry.crop_region(affine, 128, image.shape[:2]), abs=1)
+
+
+def test_blend_face_in_place_changes_and_returns_the_callers_canvas() -> None:
+    image = _astronaut()
+    crop, affine = _face_crop(image)
+    tinted = _shifted(crop, (8.0, -10.0, 15.0), 1.0)
+    copied = blend_face(image, tinted, affine, MaskSettings(), original_crop=crop)
+    target = image.copy()
+    returned = blend_face(target, tinted, affine, MaskSettings(), original_crop=crop, inplace=True)
+    assert returned is target and copied is not image
+    np.testing.assert_array_equal(returned, copied)
+    assert not np.array_equal(copied, image)
 
 
 def test_blend_face_rejects_a_non_square_crop() -> None:

@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from studio import geometry
 from studio.config import RefineConfig
 from studio.errors import InputError
-from studio.faces import swap
+from studio.faces import blend, swap
 from studio.faces.blend import MaskSettings, blend_face
 from studio.faces.swap import RefineFaceSettings, cached_latent, identity_latent, refine_face, swap_crop
 from studio.models.cache import ModelCache
@@ -264,6 +264,30 @@ def test_inplace_matches_a_copy_and_blend_face_on_the_whole_canvas(swapper: Any)
     np.testing.assert_array_equal(copied, target)
     assert np.abs(copied.astype(np.int16) - whole).max() <= 1
     assert not np.array_equal(copied, canvas)
+
+
+def test_inplace_refine_works_on_the_mask_region_alone(swapper: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes: list[tuple[int, int]] = []
+    real_warp = geometry.cv2.warpAffine
+
+    def counting_warp(src, matrix, dsize, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sizes.append(tuple(dsize))
+        return real_warp(src, matrix, dsize, *args, **kwargs)
+
+    monkeypatch.setattr(geometry.cv2, "warpAffine", counting_warp)
+    canvas = _smooth_image(2048, 2048)
+    before = canvas.copy()
+    face = _face((1000, 1100), 350)
+    latent = identity_latent(_embedding(1), swapper.emap)
+    returned, _ = refine_face(canvas, face, latent, swapper, _settings(False), inplace=True)
+    assert returned is canvas
+    affine = geometry.estimate_alignment(face.landmarks, 128)
+    region = geometry.mask_region(affine, blend.crop_mask(128, MaskSettings()), canvas.shape[:2])
+    x0, y0, x1, y1 = region
+    # the aligned crop, then the crop and its mask into the mask's region: no full-frame warp
+    assert sizes == [(128, 128), (x1 - x0, y1 - y0), (x1 - x0, y1 - y0)]
+    np.testing.assert_array_equal(_outside(canvas, region), _outside(before, region))
+    assert not np.array_equal(canvas[y0:y1, x0:x1], before[y0:y1, x0:x1])
 
 
 def test_face_off_the_canvas_edge_is_clipped(swapper: Any) -> None:

@@ -29,6 +29,7 @@ def test_every_kind_is_present_and_verified(kit: dict, tmp_path: Path) -> None:
     assert {e.kind for e in kit.values()} == {
         "sd15",
         "sdxl",
+        "adapter",
         "controlnet",
         "lora",
         "detector",
