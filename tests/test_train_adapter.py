@@ -263,3 +263,11 @@ def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(
         T.train(_config(workdir, tmp_path, **{**runs["values"], "lam": 0.5}), resume=checkpoint)  # type: ignore[dict-item]
     argv = [str(TINY_CONFIG), "--resume", *(x for i in _overrides(workdir, tmp_path) for x in ("--set", i))]
     assert T.main(argv) == 3  # InputError: no checkpoint under out_dir
+
+
+def test_shipped_configs_load() -> None:
+    tiny = T.load_train_config(TINY_CONFIG)
+    assert (tiny.resolution, tiny.batch_size, tiny.mixed_precision) == (64, 2, "no")
+    sd15 = T.load_train_config(TINY_CONFIG.with_name("train_sd15.toml"))
+    assert (sd15.resolution, sd15.lr, sd15.batch_size, sd15.grad_accum) == (512, 1e-4, 8, 2)
+    assert (sd15.mixed_precision, sd15.max_steps, sd15.lam, sd15.cond_drop) == ("bf16", 20000, 0.1, 0.1)
