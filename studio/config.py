@@ -27,7 +27,7 @@ from studio.types import Device, DType, Sampler
 logger = logging.getLogger(__name__)
 
 OnnxProviders = Literal["auto", "cpu", "cuda", "coreml"]
-PROFILES_NOTE = "profiles are the *.toml files in the configs folder other than models.toml"
+PROFILES_NOTE = "profiles are the configs/*.toml files other than models.toml and train_*.toml"
 
 
 def config_dir() -> Path:
@@ -196,13 +196,18 @@ def _plain(value: Any) -> Any:
 
 def _profile_file(folder: Path, profile: str) -> Path:
     path = folder / f"{profile}.toml"
-    if profile == "models" or not path.is_file():
-        known = sorted(p.stem for p in folder.glob("*.toml") if p.stem != "models")
+    if not _is_profile(path) or not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.toml") if _is_profile(p))
         raise ConfigError(
             f"Unknown profile {profile!r}; known profiles: {', '.join(known)}.",
             fix=f"use --profile with one of those ({PROFILES_NOTE}).",
         )
     return path
+
+
+def _is_profile(path: Path) -> bool:
+    """Profiles are the configs/*.toml files other than the model catalogue and training configs."""
+    return path.stem != "models" and not path.stem.startswith("train_")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
