@@ -10,8 +10,12 @@ setup:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
 	$(UV) sync --frozen
 
+# The main job on the tiny profile: enrol a demo identity (scikit-image's public-domain astronaut photo),
+# then draft two pictures and refine their faces to it.
 demo: setup
-	$(UV) run --frozen studio generate "$(PROMPT)" --profile tiny -n 2
+	$(UV) run --frozen python -c "from pathlib import Path; from skimage import data; from studio.imageio import write_image; write_image(Path('outputs/demo/astronaut.png'), data.astronaut()[:, :, ::-1].copy())"
+	$(UV) run --frozen studio identity add demo-astronaut outputs/demo/astronaut.png --replace --profile tiny --consent "demo: scikit-image sample photo, public domain"
+	$(UV) run --frozen studio generate "$(PROMPT)" --profile tiny -n 2 --identity demo-astronaut
 
 test: setup
 	$(UV) run --frozen ruff check .

@@ -5,6 +5,8 @@ A requested accelerator that cannot be used is an error, never a silent fall-bac
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,7 +104,11 @@ def load_insightface_model(model: Path, requested: Sequence[str]) -> Any:
     """An insightface model-zoo object (SCRFD, ArcFaceONNX, INSwapper, ...) on the requested providers."""
     from insightface.model_zoo import get_model  # heavy import, only when a face model is needed
 
-    loaded = get_model(str(model), providers=list(requested))
+    # insightface's INSwapper print()s its input shape while loading: keep the terminal for our own output
+    with contextlib.redirect_stdout(io.StringIO()) as chatter:
+        loaded = get_model(str(model), providers=list(requested))
+    if chatter.getvalue().strip():
+        logger.debug("insightface: %s", chatter.getvalue().strip())
     if loaded is None:
         raise RuntimeSetupError(
             f"insightface does not recognise {Path(model).name} as a detector, recognizer or swapper.",
