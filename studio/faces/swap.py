@@ -9,20 +9,18 @@ the model call works on the crop or on the face's region of the canvas, never on
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import cv2
 import numpy as np
 import numpy.typing as npt
 
 from studio.config import RefineConfig
 from studio.errors import InputError, ModelError
-from studio.faces.blend import MaskHook, MaskSettings, blend_face, crop_mask
-from studio.geometry import crop_region, estimate_alignment, rescale_affine, warp_to_crop
+from studio.faces.blend import MaskHook, MaskSettings, blend_face
+from studio.geometry import estimate_alignment, rescale_affine, warp_to_crop
 from studio.models.cache import ModelCache
 from studio.types import Affine, Embedding, Face, ImageBGR
 
@@ -36,7 +34,6 @@ Latent = npt.NDArray[np.float32]  # (1, 512) float32, L2-normed: normed embeddin
 SwapBlob = npt.NDArray[np.float32]  # (1, 3, S, S) float32 RGB in [0, 1], NCHW
 
 _EMBEDDING_SIZE = 512
-_REGION_PAD = 2  # px of slack around the paste region, as geometry.crop_region
 
 
 class Swapper(Protocol):
@@ -162,9 +159,18 @@ def refine_face(
         start = time.perf_counter()
         crop, affine, reference = _upscale_crop(canvas, crop, affine, reference, upscaler)
         timings["upscale"] = _ms_since(start)
-    # 3. blend back inside the face's region
+    # 3. blend back inside the region the blend mask reaches (paste_back touches nothing else)
     start = time.perf_counter()
-    result = _blend_in_region(canvas, crop, affine, settings, reference, hook, inplace=inplace)
+    result = blend_face(
+        canvas,
+        crop,
+        affine,
+        settings.mask,
+        original_crop=reference,
+        colour_match=settings.colour_match,
+        hook=hook,
+        inplace=inplace,
+    )
     timings["blend"] = _ms_since(start)
     logger.debug("face %s refined: crop %d px, %s", face.box, crop.shape[0], timings)
     return result, FaceStats(upscaled=upscaled, crop_size=int(crop.shape[0]), timings=timings)
@@ -193,72 +199,6 @@ def _upscale_crop(
     if reference is not None:  # a sharper reference than the 128-px one resized
         reference = warp_to_crop(canvas, big_affine, big.shape[0])
     return big, big_affine, reference
-
-
-def _blend_in_region(
-    canvas: ImageBGR,
-    crop: ImageBGR,
-    affine: Affine,
-    settings: RefineFaceSettings,
-    reference: ImageBGR | None,
-    hook: MaskHook | None,
-    *,
-    inplace: bool,
-) -> ImageBGR:
-    """``blend_face`` run on the region the blend mask reaches, as its own small canvas, written back.
-
-    ``blend_face`` (through ``paste_back``) copies and resamples the whole canvas it is given; handing it
-    just the mask's region keeps both face-sized, so an in-place refine never touches the whole canvas.
-    The region is the mask's support, not the crop square (an ellipse spares ~15% of a frontal face's ROI);
-    outside it the mask, and so the blend, is exactly zero.
-    """
-    target = canvas if inplace else canvas.copy()
-    region = _mask_region(affine, crop.shape[0], settings.mask, canvas.shape[:2])
-    if region is None:
-        return target  # the mask lies entirely off the canvas
-    x0, y0, x1, y1 = region
-    # canvas px -> region px: crop = A @ (p + origin) + t, so the region's translation is t + A @ origin
-    region_affine = np.array(affine, dtype=np.float64)  # (2, 3), a fresh copy
-    region_affine[:, 2] += region_affine[:, :2] @ np.array([x0, y0], dtype=np.float64)
-    view = target[y0:y1, x0:x1]  # HxWx3 uint8 view into the target canvas
-    view[...] = blend_face(
-        view,
-        crop,
-        region_affine,
-        settings.mask,
-        original_crop=reference,
-        colour_match=settings.colour_match,
-        hook=hook,
-    )
-    return target
-
-
-def _mask_region(
-    affine: Affine, size: int, mask: MaskSettings, shape: tuple[int, ...]
-) -> tuple[int, int, int, int] | None:
-    """Canvas ROI (x0, y0, x1, y1), end-exclusive, where the crop's blend mask can be nonzero; None if off."""
-    x0, y0, x1, y1 = _mask_support(size, mask)
-    # bilinear sampling reaches one crop px beyond the last nonzero mask px
-    corners = np.array([[x0 - 1, y0 - 1], [x1 + 1, y0 - 1], [x0 - 1, y1 + 1], [x1 + 1, y1 + 1]], np.float64)
-    inverse = cv2.invertAffineTransform(np.asarray(affine, dtype=np.float64))  # (2, 3) crop px -> canvas px
-    mapped = corners @ inverse[:, :2].T + inverse[:, 2]  # (4, 2) x, y canvas px
-    square = crop_region(affine, size, shape)  # never beyond the crop square's own ROI
-    left = max(int(np.floor(mapped[:, 0].min())) - _REGION_PAD, square[0])
-    top = max(int(np.floor(mapped[:, 1].min())) - _REGION_PAD, square[1])
-    right = min(int(np.ceil(mapped[:, 0].max())) + 1 + _REGION_PAD, square[2])
-    bottom = min(int(np.ceil(mapped[:, 1].max())) + 1 + _REGION_PAD, square[3])
-    if right <= left or bottom <= top:
-        return None
-    return left, top, right, bottom
-
-
-@functools.lru_cache(maxsize=32)
-def _mask_support(size: int, mask: MaskSettings) -> tuple[int, int, int, int]:
-    """Inclusive crop-px box (x0, y0, x1, y1) holding every nonzero pixel of the base blend mask."""
-    weights = crop_mask(size, mask)  # HxW float32; a mask hook only narrows it
-    columns = np.flatnonzero(weights.any(axis=0))  # (K,) x of columns with weight
-    rows = np.flatnonzero(weights.any(axis=1))  # (K,) y of rows with weight
-    return int(columns[0]), int(rows[0]), int(columns[-1]), int(rows[-1])
 
 
 def _prepare_blob(crop: ImageBGR) -> SwapBlob:
