@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import safetensors.torch
 import torch
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 from diffusers.utils import USE_PEFT_BACKEND
@@ -40,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 
 from studio.errors import AdapterError, InputError, ModelNotFoundError, UnsafeFileError
 from studio.files import sha256_file, write_bytes_atomic
+from studio.models.weights import safetensors_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _convert(src: Path, dst: Path, sha: str) -> Path:
     # 2. the structure of IP-Adapter-FaceID, flattened to diffusers' safetensors key prefixes
     flat = _normalize_faceid(state, src)
     # 3. atomic write, with the source checksum that ensure_converted compares against
-    data = safetensors.torch.save(flat, metadata={"format": "pt", SOURCE_SHA_KEY: sha})
+    data = safetensors_bytes(flat, {"format": "pt", SOURCE_SHA_KEY: sha})
     write_bytes_atomic(dst, data)
     logger.info("converted %s -> %s (%d tensors)", src.name, dst, len(flat))
     return dst

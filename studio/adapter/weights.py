@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from studio.adapter import BASE_FAMILIES, AdapterSpec, FaceAdapter, check_fits
 from studio.errors import AdapterError
 from studio.files import write_bytes_atomic
+from studio.models.weights import safetensors_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def save_adapter(
         "depth": str(spec.depth),
         "training_config": json.dumps(dict(training_config or {}), sort_keys=True, default=str),
     }
-    write_bytes_atomic(Path(path), save_safetensors(tensors, metadata=metadata))
+    write_bytes_atomic(Path(path), safetensors_bytes(tensors, metadata))
     logger.info("saved face adapter (%s, %d tensors) to %s", spec.base_family, len(tensors), path)
 
 

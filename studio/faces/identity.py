@@ -25,7 +25,6 @@ import numpy as np
 import numpy.typing as npt
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
-from safetensors.numpy import save as save_safetensors
 
 from studio.adapter.tokens import FaceTokenEncoder
 from studio.config import RefineConfig
@@ -40,6 +39,7 @@ from studio.faces.detect import (
 )
 from studio.files import sha256_file, write_bytes_atomic
 from studio.imageio import read_image
+from studio.models.weights import safetensors_bytes
 from studio.types import Identity, ImageBGR
 
 logger = logging.getLogger(__name__)
@@ -445,7 +445,7 @@ def _serialize(identity: Identity) -> bytes:
         "created": identity.created,
         "revoked": identity.revoked or "",
     }
-    return save_safetensors(tensors, metadata=metadata)
+    return safetensors_bytes(tensors, metadata)
 
 
 def _bad_file(path: Path, problem: str) -> IdentityError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -14,6 +15,19 @@ logger = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SAFE_SUFFIXES = (".safetensors",)
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with a sorted JSON header, so equal content gives equal files.
+
+    safetensors 0.8 writes its header from a hash map, in an order that changes from call to call.
+    """
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")  # u64 LE header length, then the JSON header (space padded)
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    if len(header) > size:
+        raise ValueError(f"safetensors header re-encoding grew from {size} to {len(header)} bytes")
+    return data[:8] + header.ljust(size) + data[8 + size :]
 
 
 def check_weights_file(path: Path, *, allow_pickle: bool) -> None:

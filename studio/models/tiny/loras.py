@@ -11,17 +11,16 @@ Module names and shapes come from the tiny architecture in ``diffusion.py`` (bui
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from studio.files import write_bytes_atomic
 from studio.models.tiny.diffusion import TEXT_CONFIG, UNET_CONFIG
+from studio.models.weights import safetensors_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -53,23 +52,13 @@ def write_loras(folder: Path, *, seed: int = 0) -> dict[str, Path]:
         "ss_network_alpha": str(KOHYA_ALPHA),
         "ss_base_model_version": "sd_v1",
     }
-    write_bytes_atomic(paths["kohya"], _save_reproducibly(kohya, metadata))
+    write_bytes_atomic(paths["kohya"], safetensors_bytes(kohya, metadata))
     # 2. diffusers layout from an independent seed, so the two styles differ
     generator = torch.Generator().manual_seed(seed + 1_000_003)
     peft = _diffusers_state_dict(unet_modules, text_modules, generator)
-    write_bytes_atomic(paths["diffusers"], _save_reproducibly(peft, {"format": "pt"}))
+    write_bytes_atomic(paths["diffusers"], safetensors_bytes(peft, {"format": "pt"}))
     logger.info("tiny LoRAs written to %s (seed %d)", folder, seed)
     return paths
-
-
-def _save_reproducibly(tensors: StateDict, metadata: dict[str, str]) -> bytes:
-    """safetensors bytes with a sorted JSON header (safetensors 0.8 writes metadata in hash order)."""
-    data = safetensors.torch.save(tensors, metadata=metadata)
-    size = int.from_bytes(data[:8], "little")  # u64 LE header length, then the JSON header (space padded)
-    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
-    if len(header) > size:
-        raise ValueError(f"safetensors header re-encoding grew from {size} to {len(header)} bytes")
-    return data[:8] + header.ljust(size) + data[8 + size :]
 
 
 def _tiny_modules() -> tuple[dict[str, torch.nn.Module], dict[str, torch.nn.Module]]:
