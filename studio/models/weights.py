@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import safetensors.torch
 import torch
 
@@ -17,12 +19,13 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SAFE_SUFFIXES = (".safetensors",)
 
 
-def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """safetensors bytes with a sorted JSON header, so equal content gives equal files.
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor | np.ndarray], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes of torch tensors or numpy arrays, header sorted: equal content, equal files.
 
     safetensors 0.8 writes its header from a hash map, in an order that changes from call to call.
     """
-    data = safetensors.torch.save(tensors, metadata=metadata)
+    as_torch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in tensors.items()}
+    data = safetensors.torch.save(as_torch, metadata=metadata)
     size = int.from_bytes(data[:8], "little")  # u64 LE header length, then the JSON header (space padded)
     header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
     if len(header) > size:
