@@ -77,14 +77,6 @@ MERGES_BLOB = "76e821f1b6f0a9709293c3b6b51ed90980b3166b"
 PROMPTS = ["a photo of a cat", "A Portrait, of an old man; 35mm f/1.8!", "café (red hair:1.2) BREAK"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cache = tmp_path_factory.mktemp("base-configs")

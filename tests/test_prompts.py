@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,6 @@ from studio.errors import InputError, ModelError
 from studio.prompts import Fragment, PromptEmbeddings, encode_prompts, fill_template, parse_prompt
 
 W = 77  # CLIP window: bos + 75 tokens + eos
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The CPU is shared: keep torch to one thread here, restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -25,15 +25,6 @@ TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train_tiny.toml
 PEOPLE, PHOTOS, SIDE = 3, 2, 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> object:
-    """One torch thread: tiny models on a shared small machine run faster and steadier."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """people/person_<p>/photo_<k>.png: seeded noise + smooth shapes; person_0 also has a faceless picture."""

@@ -42,15 +42,6 @@ TOKENS = (49, 32)  # the tiny recognizer's 7x7 map of 32 channels
 SD15_DIMS = [32] * 4 + [64] * 2 + [64] + [64] * 3 + [32] * 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """One torch thread: tiny models on a shared 2-core machine run faster and steadier."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def unet(tiny_kit: Path) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_pretrained(tiny_kit / "tiny-sd15", subfolder="unet").eval()

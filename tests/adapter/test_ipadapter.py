@@ -49,14 +49,6 @@ class Payload:
         return (open, (str(self.marker), "w"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def unet_folder(tiny_kit: Path) -> Path:
     return tiny_kit / "tiny-sd15" / "unet"

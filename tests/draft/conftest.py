@@ -5,19 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from studio.config import StudioConfig, load_config
 from studio.pipeline import Studio
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> object:
-    """One torch thread: tiny models on a shared 2-core machine run faster and steadier."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

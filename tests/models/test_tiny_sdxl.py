@@ -67,15 +67,6 @@ def _build(root: Path, seed: int) -> Kit:
     return Kit(root, time.perf_counter() - start)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory: pytest.TempPathFactory) -> Kit:
     return _build(tmp_path_factory.mktemp("kit-sdxl"), seed=0)
