@@ -11,7 +11,6 @@ validated on every load; pickles (and every other format) are refused, never ope
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -23,41 +22,38 @@ from typing import Any
 import cv2
 import numpy as np
 import numpy.typing as npt
-from safetensors import SafetensorError
-from safetensors.numpy import load as load_safetensors
 
 from studio.adapter.tokens import FaceTokenEncoder
 from studio.config import RefineConfig
 from studio.errors import IdentityError, ImageError
 from studio.faces.detect import (
-    EMBEDDING_SIZE,
     DetectSettings,
     align_crops,
     crop_tokens,
     detect_faces,
     embed_crops,
 )
+from studio.faces.identity_file import (
+    ADD_HINT,
+    MAX_FILE_BYTES,
+    bad_identity_file,
+    parse_identity_file,
+    serialize_identity,
+)
 from studio.files import sha256_file, write_bytes_atomic
 from studio.imageio import read_image
-from studio.models.weights import safetensors_bytes
 from studio.types import Identity, ImageBGR
 
 logger = logging.getLogger(__name__)
 
-IDENTITY_FORMAT = "portrait-studio-identity"
-IDENTITY_VERSION = "1"
 SUFFIX = ".safetensors"
 NAME_RULE = (
     "1 to 64 characters: letters, digits, '_', '.' or '-', starting with a letter or digit, "
     "not containing '..' and not ending in '.safetensors'"
 )
-ADD_HINT = "enrol the person with `studio identity add NAME PHOTO... --consent TEXT`"
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _FOREIGN_SUFFIXES = (".pkl", ".pickle", ".npy", ".npz", ".pt", ".pth", ".bin", ".json")
-_METADATA_KEYS = ("name", "consent", "recognizer_sha256", "source_sha256", "created", "revoked")
-_NORM_TOLERANCE = 1e-3
-_MAX_FILE_BYTES = 64 << 20  # 64 MiB is ~30 000 photo rows: anything larger is not an identity file
 _FOLDER_MODE = 0o700  # embeddings are biometric data: the library folder is private to its owner
 
 
@@ -189,9 +185,9 @@ class IdentityLibrary:
                 f"No identity {name!r} in the library {self.folder} (expected {path.name}).",
                 fix=f"{ADD_HINT}, or check the name with `studio identity list`.",
             )
-        if path.stat().st_size > _MAX_FILE_BYTES:
-            raise _bad_file(path, f"{path.stat().st_size} bytes, far more than an identity needs")
-        return _parse_identity(path, name, path.read_bytes())
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise bad_identity_file(path, f"{path.stat().st_size} bytes, far more than an identity needs")
+        return parse_identity_file(path, name, path.read_bytes())
 
     def get(self, name: str, *, recognizer_sha256: str | None = None) -> Identity:
         """Identity ``name`` for use: refused if revoked or made by another recognizer than the given one."""
@@ -280,7 +276,7 @@ class IdentityLibrary:
 
     def _save(self, path: Path, identity: Identity) -> None:
         """Write ``identity`` to ``path`` atomically (temp + fsync + replace)."""
-        data = _serialize(identity)
+        data = serialize_identity(identity)
         self.folder.mkdir(mode=_FOLDER_MODE, parents=True, exist_ok=True)
         try:
             write_bytes_atomic(path, data)
@@ -422,122 +418,3 @@ def _build_identity(
 def _now() -> str:
     """The current time, ISO-8601 UTC to the second."""
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-# --- the file format --------------------------------------------------------------------------
-
-
-def _serialize(identity: Identity) -> bytes:
-    """The safetensors bytes of an identity file: two or three float32 tensors and string metadata."""
-    tensors = {
-        "embedding": np.ascontiguousarray(identity.embedding, dtype=np.float32),  # (512,)
-        "photo_embeddings": np.ascontiguousarray(identity.photo_embeddings, dtype=np.float32),  # (K, 512)
-    }
-    if identity.face_tokens is not None:
-        tensors["face_tokens"] = np.ascontiguousarray(identity.face_tokens, dtype=np.float32)  # (K, T, C)
-    metadata = {
-        "format": IDENTITY_FORMAT,
-        "version": IDENTITY_VERSION,
-        "name": identity.name,
-        "consent": identity.consent,
-        "recognizer_sha256": identity.recognizer_sha256,
-        "source_sha256": json.dumps(list(identity.source_sha256)),
-        "created": identity.created,
-        "revoked": identity.revoked or "",
-    }
-    return safetensors_bytes(tensors, metadata)
-
-
-def _bad_file(path: Path, problem: str) -> IdentityError:
-    """IdentityError for a damaged or foreign identity file."""
-    return IdentityError(f"Identity file {path} is invalid: {problem}.", fix=f"remove it and {ADD_HINT}.")
-
-
-def _parse_identity(path: Path, name: str, data: bytes) -> Identity:
-    """Validate an identity file's bytes: format, metadata, shapes, dtype, finiteness, unit norms."""
-    # 1. container and metadata
-    meta = _read_metadata(path, data)
-    try:
-        tensors = load_safetensors(data)
-    except (SafetensorError, ValueError, TypeError) as err:
-        raise _bad_file(path, f"not a readable safetensors file ({err})") from err
-    if meta["name"] != name:
-        raise _bad_file(path, f"it holds identity {meta['name']!r}, not {name!r} (renamed file?)")
-    if not meta["consent"].strip():
-        raise _bad_file(path, "its consent record is empty")
-    try:
-        sources = json.loads(meta["source_sha256"])
-    except json.JSONDecodeError:
-        sources = None
-    if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
-        raise _bad_file(path, f"source_sha256 {meta['source_sha256'][:80]!r} is not a JSON list of strings")
-    # 2. tensors: (512,) and (K, 512) float32, finite, unit rows; one checksum per row
-    embedding = _checked_tensor(path, tensors, "embedding", ndim=1)
-    photos = _checked_tensor(path, tensors, "photo_embeddings", ndim=2)
-    if len(photos) == 0 or len(photos) != len(sources):
-        raise _bad_file(path, f"{len(photos)} photo embeddings but {len(sources)} photo checksums")
-    face_tokens = _checked_tokens(path, tensors.get("face_tokens"), len(photos))
-    return Identity(
-        name=name,
-        embedding=embedding,
-        photo_embeddings=photos,
-        consent=meta["consent"],
-        recognizer_sha256=meta["recognizer_sha256"],
-        source_sha256=tuple(sources),
-        created=meta["created"],
-        revoked=meta["revoked"] or None,
-        face_tokens=face_tokens,
-    )
-
-
-def _read_metadata(path: Path, data: bytes) -> dict[str, str]:
-    """The safetensors header's ``__metadata__``, checked for format, version and required keys."""
-    length = int.from_bytes(data[:8], "little")  # safetensors: u64 LE header length, then a JSON header
-    try:
-        header = json.loads(data[8 : 8 + length]) if 0 < length <= len(data) - 8 else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        header = None
-    if not isinstance(header, dict):
-        raise _bad_file(path, "not a safetensors file (no readable header)")
-    meta = header.get("__metadata__") or {}
-    found = (meta.get("format"), meta.get("version"))
-    if found != (IDENTITY_FORMAT, IDENTITY_VERSION):
-        raise _bad_file(path, f"format/version {found}, expected ({IDENTITY_FORMAT!r}, {IDENTITY_VERSION!r})")
-    missing = [key for key in _METADATA_KEYS if not isinstance(meta.get(key), str)]
-    if missing:
-        raise _bad_file(path, f"metadata lacks {', '.join(missing)}")
-    return meta
-
-
-def _checked_tensor(
-    path: Path, tensors: dict[str, np.ndarray], key: str, ndim: int
-) -> npt.NDArray[np.float32]:
-    """Tensor ``key``: (512,) or (K, 512) by ``ndim``, float32, finite, rows of unit L2 norm."""
-    tensor = tensors.get(key)
-    expected = "(512,)" if ndim == 1 else "(K, 512)"
-    if tensor is None:
-        raise _bad_file(path, f"tensor {key!r} is missing")
-    if tensor.ndim != ndim or tensor.shape[-1] != EMBEDDING_SIZE:
-        raise _bad_file(path, f"tensor {key!r} has shape {tensor.shape}, expected {expected}")
-    if tensor.dtype != np.float32:
-        raise _bad_file(path, f"tensor {key!r} has dtype {tensor.dtype}, expected float32")
-    if not np.isfinite(tensor).all():
-        raise _bad_file(path, f"tensor {key!r} holds NaN or infinite values")
-    norms = np.linalg.norm(tensor.astype(np.float64), axis=-1)  # () or (K,)
-    if (np.abs(norms - 1.0) > _NORM_TOLERANCE).any():
-        worst = float(norms.flat[int(np.argmax(np.abs(norms - 1.0)))])
-        raise _bad_file(path, f"tensor {key!r} is not L2-normed (norm {worst:.4f}, expected 1 ± 0.001)")
-    return tensor
-
-
-def _checked_tokens(path: Path, tokens: np.ndarray | None, photos: int) -> npt.NDArray[np.float32] | None:
-    """The optional ``face_tokens`` tensor: (K, T, C) float32, finite, one token set per photo."""
-    if tokens is None:
-        return None
-    if tokens.ndim != 3 or len(tokens) != photos or 0 in tokens.shape:
-        raise _bad_file(path, f"tensor 'face_tokens' has shape {tokens.shape}, expected ({photos}, T, C)")
-    if tokens.dtype != np.float32:
-        raise _bad_file(path, f"tensor 'face_tokens' has dtype {tokens.dtype}, expected float32")
-    if not np.isfinite(tokens).all():
-        raise _bad_file(path, "tensor 'face_tokens' holds NaN or infinite values")
-    return tokens
