@@ -10,14 +10,12 @@ work is larger than on SD 1.5, where the fusers are a few percent of the UNet's 
 
 from __future__ import annotations
 
-import argparse
-import logging
 import statistics
 import tempfile
 from pathlib import Path
 
 import cv2
-import torch
+from _common import bench_args
 from skimage import data
 
 from studio.config import load_config
@@ -27,10 +25,7 @@ from studio.request import GenerateRequest
 
 
 def main() -> None:
-    args = _args()
-    torch.set_num_threads(args.threads)
-    for name in ("diffusers", "transformers", "peft"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    args = bench_args(__doc__)
     with tempfile.TemporaryDirectory() as tmp:
         studio = Studio(
             load_config(
@@ -77,17 +72,6 @@ def main() -> None:
     fact, faceid = medians["fact"] / medians["none"], medians["faceid"] / medians["none"]
     print(f"FACT adapter: {fact:.3f} x the plain draft; IP-Adapter-FaceID: {faceid:.3f} x")
     print(f"RESULT adapter_overhead_ratio={fact:.4f} faceid_overhead_ratio={faceid:.4f}")
-
-
-def _args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    return parser.parse_args()
 
 
 if __name__ == "__main__":

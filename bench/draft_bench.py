@@ -12,14 +12,13 @@ Timings on a shared CPU are noisy; the ratios are what to compare.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _common import bench_args
 
 from studio.config import load_config
 from studio.draft import DraftRequest, render_draft
@@ -32,10 +31,7 @@ from studio.request import GenerateRequest
 
 
 def main() -> None:
-    args = _args()
-    torch.set_num_threads(args.threads)  # fixed, so both sides of each ratio run alike
-    for name in ("diffusers", "transformers", "peft"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    args = bench_args(__doc__)
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(
             "tiny", overrides=[f"output_dir={tmp!r}", f"models.dir={str(Path(tmp) / 'm')!r}"]
@@ -76,17 +72,6 @@ def main() -> None:
         f"RESULT overhead_pct={overhead_pct:.3f} unet_calls_exact={int(exact)} lora_switch_ratio={ratio:.5f} "
         f"base_loads={base_loads}"
     )
-
-
-def _args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    return parser.parse_args()
 
 
 def _overhead(pipe, request, base, config, cache, repeats: int) -> float:

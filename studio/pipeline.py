@@ -24,6 +24,7 @@ from studio.faces import (
     RefineSettings,
     load_face_model,
     load_face_models,
+    load_token_encoder,
     refine,
     refine_entries,
 )
@@ -196,6 +197,7 @@ class Studio:
             consent=consent,
             detector=load_face_model(detector, self.config, self.cache),
             recognizer=load_face_model(recognizer, self.config, self.cache),
+            token_encoder=load_token_encoder(recognizer, self.config, self.cache),
             recognizer_sha256=recognizer.sha256,
             settings=EnrolSettings.from_config(refine),
             max_pixels=self.config.images.max_pixels,
@@ -285,7 +287,7 @@ class Studio:
         batch_of = {seed: batch for batch in batches for seed in batch}
         outputs: list[Path] = []
         statuses: list[str] = []
-        timings |= {"draft": 0.0, "refine": 0.0} if refiner else {"draft": 0.0}
+        timings["draft"] = 0.0
         start = time.perf_counter()
         for seed, image in render_draft(draft, base, self.config, self.cache):
             timings["draft"] += time.perf_counter() - start
@@ -294,9 +296,8 @@ class Studio:
                 continue
             recipe = make_recipe(draft, base, seed, batch_of[seed], self.config, inputs, notes)
             if refiner is not None:
-                with _timed(timings, "_refine"):
+                with _timed(timings, "refine"):
                     result = self._apply_refiner(refiner, image)
-                timings["refine"] += timings.pop("_refine")
                 image = result.image
                 recipe |= {"refine": self._refine_record(refiner, result), "stages": ["draft", "refine"]}
                 statuses.append(f"seed {seed}: {_status_line(result)}")
@@ -331,6 +332,7 @@ def _free_path(folder: Path, stem: str, suffix: str = ".png") -> Path:
 
 @contextmanager
 def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the time spent in the block to ``timings[stage]``."""
     start = time.perf_counter()
     yield
-    timings[stage] = time.perf_counter() - start
+    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start

@@ -22,8 +22,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # huggingface_hub reads it once, at import: 
 import hashlib
 import json
 import shutil
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,16 +79,6 @@ PROMPTS = ["a photo of a cat", "A Portrait, of an old man; 35mm f/1.8!", "café 
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cache = tmp_path_factory.mktemp("base-configs")
     return {name: ensure_base_config(name, cache) for name in ("sd15", "sdxl")}
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    yield
 
 
 def _git_blob(data: bytes) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -60,7 +60,6 @@ class DraftRequest:
     strength: float = 0.75
     control: ControlSpec | None = None
     face: FaceCondition | None = None  # identity-conditioned draft (FACT or IP-Adapter-FaceID)
-    batches: tuple[tuple[int, ...], ...] = field(default=())  # filled by plan_batches
 
 
 def plan_batches(count: int, batch_size: int, seed: int) -> tuple[tuple[int, ...], ...]:
@@ -91,7 +90,7 @@ def render_draft(
     apply_loras(pipe, request.loras, config, cache, keep_active=prepared.keep_active)
     _vae_tiling(pipe, config, request.width * request.height)
     # 3. one batch at a time; one CPU generator per image, so image k depends only on seed + k
-    for seeds in request.batches or plan_batches(request.count, request.batch_size, request.seed):
+    for seeds in plan_batches(request.count, request.batch_size, request.seed):
         face = face_call_kwargs(pipe, request.face, prepared, batch=len(seeds), cfg=request.cfg > 1.0)
         images = _forward_batch(pipe, request, seeds, variant, face)
         yield from zip(seeds, (from_pil(image) for image in images), strict=True)

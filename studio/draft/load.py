@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -117,7 +118,7 @@ def _base_config(family: Family, config: StudioConfig) -> str:
     return str(ensure_base_config(family, config.models.dir / "base-configs"))
 
 
-def _family(config: StudioConfig, infer: Any) -> Family:
+def _family(config: StudioConfig, infer: Callable[[], Family]) -> Family:
     if config.draft.family != "auto":
         return config.draft.family
     family = infer()

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from studio.adapter.tokens import FaceTokenEncoder
 from studio.config import FaceSelect, StudioConfig
 from studio.faces.detect import DetectSettings, detect_faces, embed_faces
 from studio.faces.quality import FaceQA, SwapEmbeddings, assess
@@ -108,6 +109,14 @@ def load_face_model(entry: ModelEntry, config: StudioConfig, cache: ModelCache) 
     path = require_verified(entry, config.models)
     key = ("insightface", entry.name, entry.sha256, tuple(providers))
     return cache.get(key, lambda: load_insightface_model(path, providers))
+
+
+def load_token_encoder(entry: ModelEntry, config: StudioConfig, cache: ModelCache) -> FaceTokenEncoder:
+    """The recognizer graph with its face-token output exposed (for enrolment), built once per process."""
+    providers = onnx_providers(config.runtime.onnx_providers)
+    path = require_verified(entry, config.models)
+    key = ("face-tokens", entry.name, entry.sha256, tuple(providers))
+    return cache.get(key, lambda: FaceTokenEncoder(path, providers))
 
 
 def load_face_models(config: StudioConfig, catalogue: Catalogue, cache: ModelCache) -> FaceModels:

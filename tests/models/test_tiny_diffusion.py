@@ -5,9 +5,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # huggingface_hub reads it once, at import: set before diffusers
 
 import hashlib
-import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,18 +83,6 @@ def pipe(kit: Kit) -> StableDiffusionPipeline:
     pipeline = StableDiffusionPipeline.from_pretrained(kit.folder, local_files_only=True)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Any attempt to open a socket fails the test."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    yield
 
 
 def _render(pipeline: StableDiffusionPipeline, steps: int = 3, **kwargs: object) -> ImageRGBf:

@@ -4,11 +4,8 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # huggingface_hub reads it once, at import: set before diffusers
 
-import hashlib
 import json
-import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from diffusers.loaders.single_file_utils import (
 from open_clip.transformer import TextTransformer
 from PIL import Image
 
+from studio.files import tree_sha256
 from studio.models.tiny.sdxl import (
     OPEN_CLIP_PREFIX,
     write_controlnet_sdxl,
@@ -84,30 +82,10 @@ def checkpoint(kit: Kit) -> dict[str, torch.Tensor]:
     return safetensors.torch.load_file(kit.single_file)
 
 
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Any attempt to open a socket fails the test."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    yield
-
-
 def _render(pipeline: StableDiffusionXLPipeline, steps: int = 2, **kwargs: object) -> ImageRGBf:
     generator = torch.Generator().manual_seed(1234)
     result = pipeline(PROMPT, num_inference_steps=steps, generator=generator, output_type="np", **kwargs)
     return result.images[0]
-
-
-def _tree_digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 # ---------------------------------------------------------------- diffusers folder
@@ -302,7 +280,7 @@ def test_controlnet_sdxl_refuses_an_sd15_unet(tmp_path: Path) -> None:
 
 def test_same_seed_is_byte_identical_and_seed_matters(kit: Kit, tmp_path: Path) -> None:
     again = _build(tmp_path / "again", seed=0)
-    assert _tree_digest(kit.root) == _tree_digest(again.root)
+    assert tree_sha256(kit.root) == tree_sha256(again.root)
     write_sdxl(tmp_path / "other", tmp_path / "other.safetensors", seed=1)
     assert (tmp_path / "other.safetensors").read_bytes() != kit.single_file.read_bytes()
     assert (tmp_path / "other" / "unet").is_dir() and not list(tmp_path.glob(".*"))  # no staging left
