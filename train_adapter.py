@@ -219,9 +219,10 @@ def _prepare_run(config: TrainConfig, accelerator: Any, models: dict[str, Any]) 
 # --- 3. data ------------------------------------------------------------------------------------------
 def _preprocessor(config: TrainConfig, models: dict[str, Any], device: torch.device) -> data.Preprocessor:
     """The dataset cache's models: face detection + tokens as callables, VAE and text encoder."""
-    from studio.faces.detect import DetectSettings, align_crops, detect_faces
+    from studio.config import DetectConfig
+    from studio.faces.detect import align_crops, detect_faces
 
-    settings = DetectSettings(
+    settings = DetectConfig(
         threshold=config.det_threshold, det_size=config.det_size, min_face=config.min_face
     )
     detector, encoder = models["detector"], models["encoder"]

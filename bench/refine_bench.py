@@ -32,7 +32,7 @@ import numpy as np
 
 from studio.config import RefineConfig
 from studio.faces import swap
-from studio.faces.swap import RefineFaceSettings, identity_latent, refine_face
+from studio.faces.swap import identity_latent, refine_face
 from studio.geometry import ARCFACE_TEMPLATE, estimate_alignment, warp_to_crop
 from studio.models.runtime import load_insightface_model
 from studio.models.tiny import make_tiny_kit
@@ -53,7 +53,7 @@ def main() -> None:
         embedding = np.random.default_rng(0).standard_normal(512).astype(np.float32)
         embedding /= np.linalg.norm(embedding)
         latent = identity_latent(embedding, swapper.emap)
-        settings = RefineFaceSettings.from_config(RefineConfig(upscale="off"))
+        settings = RefineConfig(upscale="off")
         cases = {size: _case(size, args.face) for size in CANVASES}
         times = _measure(cases, swapper, latent, embedding, settings, args.repeats)
     _report(times, cases, args)
@@ -106,7 +106,7 @@ def _timed(function: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[flo
 
 
 def _one_round(
-    case: dict[str, Any], swapper: Any, latent: np.ndarray, source: Any, settings: RefineFaceSettings
+    case: dict[str, Any], swapper: Any, latent: np.ndarray, source: Any, settings: RefineConfig
 ) -> dict[str, float]:
     """One timing of each figure on one canvas, in ms."""
     canvas, face, blob = case["canvas"], case["face"], case["blob"]
@@ -131,7 +131,7 @@ def _measure(
     swapper: Any,
     latent: np.ndarray,
     embedding: np.ndarray,
-    settings: RefineFaceSettings,
+    settings: RefineConfig,
     repeats: int,
 ) -> dict[str, dict[int, list[float]]]:
     """Interleaved timings in ms: {figure: {canvas size: [runs]}}."""

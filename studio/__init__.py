@@ -1,3 +1,37 @@
-"""Portrait Studio: text prompt → Stable Diffusion draft → face refine."""
+"""Portrait Studio: text prompt → Stable Diffusion draft → face refine.
+
+    from studio import Studio, GenerateRequest, load_config
+
+The names below are imported on first use, so ``import studio`` stays light (no torch until a model loads).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Studio": "studio.pipeline",
+    "Draft": "studio.pipeline",
+    "Refined": "studio.pipeline",
+    "GenerateRequest": "studio.request",
+    "Recipe": "studio.recipe",
+    "load_config": "studio.config",
+}
+
+if TYPE_CHECKING:
+    from studio.config import load_config
+    from studio.pipeline import Draft, Refined, Studio
+    from studio.recipe import Recipe
+    from studio.request import GenerateRequest
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'studio' has no attribute {name!r}")
+
+
+__all__ = ["Draft", "GenerateRequest", "Recipe", "Refined", "Studio", "__version__", "load_config"]

@@ -4,13 +4,25 @@ basicsr 1.4.2 (needed by realesrgan) imports ``torchvision.transforms.functional
 module that torchvision 0.17 removed; its only use is ``rgb_to_grayscale``, which lives on in
 ``torchvision.transforms.functional``. We alias the old module name before basicsr is imported
 instead of forking basicsr.
+
+diffusers, transformers and peft print progress bars and developer warnings (component loading bars,
+"LOAD REPORT ... newly initialized", "Already found a peft_config") from their own loggers and tqdm; in
+library use the studio reports its own progress, so ``quiet_model_libraries`` mutes them while models load
+and LoRAs switch (``--debug`` shows them: the CLI sets STUDIO_DEBUG_LIBRARIES).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
+import os
 import sys
 import types
+import warnings
+from collections.abc import Iterator
+
+_NOISY = ("diffusers", "transformers", "peft", "huggingface_hub")
 
 
 def import_realesrgan() -> types.ModuleType:
@@ -26,3 +38,28 @@ def import_realesrgan() -> types.ModuleType:
             shim.rgb_to_grayscale = functional.rgb_to_grayscale  # type: ignore[attr-defined]
             sys.modules[legacy] = shim
     return importlib.import_module("realesrgan")
+
+
+@contextlib.contextmanager
+def quiet_model_libraries() -> Iterator[None]:
+    """Mute third-party progress bars and warnings inside the block (not with STUDIO_DEBUG_LIBRARIES=1)."""
+    if os.environ.get("STUDIO_DEBUG_LIBRARIES") == "1":
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+
+    loggers = [logging.getLogger(name) for name in _NOISY]
+    levels = [lg.level for lg in loggers]
+    bars = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        if bars:
+            diffusers_logging.enable_progress_bar()

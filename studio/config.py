@@ -20,8 +20,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import tomli_w
 
-from studio.errors import ConfigError
-from studio.files import write_text_atomic
+from studio.errors import ConfigError, InputError
 from studio.types import Device, DType, Sampler
 
 logger = logging.getLogger(__name__)
@@ -36,8 +35,35 @@ def config_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
 
 
-def _range(lo: float, hi: float) -> dict[str, float]:
-    return {"min": lo, "max": hi}
+def bounds(lo: float, hi: float, *, multiple: int | None = None) -> dict[str, float]:
+    """Field metadata: the one definition of a setting's allowed range (read by validation and the CLI)."""
+    return {"min": lo, "max": hi} | ({"multiple": multiple} if multiple else {})
+
+
+def limits(cls: type, name: str) -> dict[str, float]:
+    """The allowed range of field ``name`` of dataclass ``cls`` (``{"min": .., "max": ..}`` or empty)."""
+    spec = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return {k: v for k, v in spec.metadata.items() if k in ("min", "max")}
+
+
+def check_fields(obj: Any, prefix: str = "") -> None:
+    """Check every field of a settings dataclass against its Literal choices and range metadata."""
+    hints = typing.get_type_hints(type(obj))
+    for spec in dataclasses.fields(obj):
+        check_value(spec, hints[spec.name], getattr(obj, spec.name), f"{prefix}{spec.name}")
+
+
+def check_value(spec: dataclasses.Field, hint: Any, value: Any, key: str) -> None:
+    """One value against its field's Literal choices and range; a ConfigError naming ``key`` if not."""
+    if get_origin(hint) is Literal and value is not None and value not in get_args(hint):
+        _bad(key, value, "one of " + ", ".join(repr(a) for a in get_args(hint)))
+    if value is None or "min" not in spec.metadata:
+        return
+    lo, hi, step = spec.metadata["min"], spec.metadata["max"], spec.metadata.get("multiple")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        _bad(key, value, f"a number from {lo} to {hi}")
+    if step and value % step:
+        _bad(key, value, f"a multiple of {step} from {lo} to {hi}")
 
 
 @dataclass(frozen=True)
@@ -49,6 +75,7 @@ class ModelsConfig:
     catalogues: tuple[Path, ...] = ()
     tiny_kit: Path | None = None
     allow_pickle: bool = False
+    licences: Path | None = None  # your licence declarations for models outside the catalogue (TOML)
 
 
 @dataclass(frozen=True)
@@ -58,6 +85,9 @@ class RuntimeConfig:
     device: Device = "auto"
     dtype: DType = "auto"
     onnx_providers: OnnxProviders = "auto"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "runtime.")
 
 
 Toggle = Literal["auto", "on", "off"]
@@ -74,12 +104,18 @@ class PerformanceConfig:
     cpu_offload: Literal["none", "model", "sequential"] = "none"
     compile: bool = False  # torch.compile the UNet (slow first image, faster after)
 
+    def __post_init__(self) -> None:
+        check_fields(self, "performance.")
+
 
 @dataclass(frozen=True)
 class ImagesConfig:
     """Limits on images read from users."""
 
-    max_pixels: int = field(default=40_000_000, metadata=_range(1, 1_000_000_000))
+    max_pixels: int = field(default=40_000_000, metadata=bounds(1, 1_000_000_000))
+
+    def __post_init__(self) -> None:
+        check_fields(self, "images.")
 
 
 @dataclass(frozen=True)
@@ -88,18 +124,59 @@ class DraftConfig:
 
     model: str = "sd15"  # catalogue name, Hugging Face repo id, diffusers folder or .safetensors file
     family: Literal["auto", "sd15", "sdxl"] = "auto"  # for models outside the catalogue
-    width: int = field(default=512, metadata=_range(64, 4096))
-    height: int = field(default=768, metadata=_range(64, 4096))
-    steps: int = field(default=30, metadata=_range(1, 500))
-    cfg: float = field(default=7.0, metadata=_range(0.0, 50.0))
+    width: int = field(default=512, metadata=bounds(64, 4096, multiple=8))
+    height: int = field(default=768, metadata=bounds(64, 4096, multiple=8))
+    steps: int = field(default=30, metadata=bounds(1, 500))
+    cfg: float = field(default=7.0, metadata=bounds(0.0, 50.0))
     sampler: Sampler = "DPM++ 2M Karras"
     negative: str = ""
     controlnet: str = "controlnet_openpose_sd15"  # used with --pose (SDXL: controlnet_openpose_sdxl)
     lora_dir: Path | None = None  # default: loras/ beside configs/
-    max_loaded_loras: int = field(default=8, metadata=_range(1, 64))
+    max_loaded_loras: int = field(default=8, metadata=bounds(1, 64))
+
+    def __post_init__(self) -> None:
+        check_fields(self, "draft.")
 
 
 FaceSelect = Literal["all", "largest", "left-to-right", "index", "similarity"]
+MaskShape = Literal["ellipse", "box"]
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Which detections count as faces: score threshold, detector input side, smallest face side."""
+
+    threshold: float = field(default=0.5, metadata=bounds(0.05, 0.99))  # detector score
+    det_size: int = field(default=640, metadata=bounds(128, 2048, multiple=32))  # px, letterboxed square
+    min_face: int = field(default=32, metadata=bounds(1, 4096))  # px mean box side: smaller faces are ignored
+
+    def __post_init__(self) -> None:
+        check_fields(self, "refine.detect.")
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """How the crop-space blend mask is shaped: fractions are of the crop's side."""
+
+    shape: MaskShape = "ellipse"
+    padding: float = field(default=0.0, metadata=bounds(0.0, 0.49))  # trimmed from each side
+    blur: float = field(default=0.1, metadata=bounds(0.0, 0.5))  # feather width (0: a 1-px hard edge)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "refine.mask.")
+
+
+@dataclass(frozen=True)
+class EnrolConfig:
+    """Quality gates for enrolment photos."""
+
+    min_face: int = field(default=64, metadata=bounds(16, 4096))  # px, mean box side
+    min_score: float = field(default=0.6, metadata=bounds(0.05, 0.99))  # detector score
+    min_sharpness: float = field(default=20.0, metadata=bounds(0.0, 10000.0))  # Laplacian variance
+    outlier: float = field(default=0.25, metadata=bounds(-1.0, 1.0))  # min cosine to the others' mean
+
+    def __post_init__(self) -> None:
+        check_fields(self, "refine.enrol.")
 
 
 @dataclass(frozen=True)
@@ -112,21 +189,17 @@ class RefineConfig:
     swapper: str = "inswapper_128"
     upscaler: str = "realesrgan_x2plus"
     identities_dir: Path = Path("~/.local/share/portrait-studio/identities")
-    det_threshold: float = field(default=0.5, metadata=_range(0.05, 0.99))
-    det_size: int = field(default=640, metadata=_range(128, 2048))
-    min_face: int = field(default=32, metadata=_range(8, 4096))  # px: smaller faces are left alone
     select: FaceSelect = "all"  # which faces get a single --identity
     upscale: Toggle = "auto"  # auto: when the face on the canvas is larger than the swapper's 128 px
-    upscale_tile: int = field(default=0, metadata=_range(0, 4096))  # Real-ESRGAN tile size, 0 = whole crop
-    mask: Literal["ellipse", "box"] = "ellipse"
-    mask_padding: float = field(default=0.0, metadata=_range(0.0, 0.49))
-    mask_blur: float = field(default=0.1, metadata=_range(0.0, 0.5))
+    upscale_tile: int = field(default=0, metadata=bounds(0, 4096))  # Real-ESRGAN tile size, 0 = whole crop
     colour_match: bool = True
-    min_similarity: float = field(default=0.0, metadata=_range(0.0, 1.0))  # QA: below this the image fails
-    enrol_min_face: int = field(default=64, metadata=_range(16, 4096))  # px, enrolment photos
-    enrol_min_score: float = field(default=0.6, metadata=_range(0.05, 0.99))
-    enrol_min_sharpness: float = field(default=20.0, metadata=_range(0.0, 10000.0))  # Laplacian variance
-    enrol_outlier: float = field(default=0.25, metadata=_range(-1.0, 1.0))  # min cosine to the others' mean
+    min_similarity: float = field(default=0.0, metadata=bounds(0.0, 1.0))  # QA: below this the image fails
+    detect: DetectConfig = DetectConfig()
+    mask: MaskConfig = MaskConfig()
+    enrol: EnrolConfig = EnrolConfig()
+
+    def __post_init__(self) -> None:
+        check_fields(self, "refine.")
 
 
 @dataclass(frozen=True)
@@ -135,7 +208,10 @@ class AdapterConfig:
 
     fact: str = "adapters/fact-sd15.safetensors"  # catalogue name or file (relative to the project folder)
     faceid: str = "ip_adapter_faceid_sd15"  # catalogue name or file of IP-Adapter-FaceID
-    scale: float = field(default=0.8, metadata=_range(0.0, 2.0))
+    scale: float = field(default=0.8, metadata=bounds(0.0, 2.0))
+
+    def __post_init__(self) -> None:
+        check_fields(self, "adapter.")
 
 
 @dataclass(frozen=True)
@@ -152,6 +228,9 @@ class StudioConfig:
     draft: DraftConfig = DraftConfig()
     refine: RefineConfig = RefineConfig()
     adapter: AdapterConfig = AdapterConfig()
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def load_config(
@@ -180,10 +259,14 @@ def config_to_dict(config: StudioConfig) -> dict[str, Any]:
     return _plain(dataclasses.asdict(config))
 
 
-def write_resolved_config(config: StudioConfig, path: Path) -> Path:
-    """Write the resolved config as TOML beside an output, atomically."""
-    write_text_atomic(path, tomli_w.dumps(config_to_dict(config)))
-    return path
+def config_to_toml(config: StudioConfig) -> str:
+    """The resolved config as TOML text (what is written beside a run's outputs)."""
+    return tomli_w.dumps(config_to_dict(config))
+
+
+def config_from_dict(table: Mapping[str, Any]) -> StudioConfig:
+    """A config from ``config_to_dict`` data (e.g. a recipe's), validated like a profile."""
+    return _build(StudioConfig, table, prefix="")
 
 
 def _plain(value: Any) -> Any:
@@ -280,9 +363,7 @@ def _convert(value: Any, hint: Any, spec: dataclasses.Field, key: str) -> Any:
         inner = next(a for a in args if a is not type(None))
         return None if value in (None, "") else _convert(value, inner, spec, key)
     if origin is Literal:
-        if value not in args:
-            _bad(key, value, "one of " + ", ".join(repr(a) for a in args))
-        return value
+        return value  # checked with the ranges, by check_fields in the section's __post_init__
     if origin is tuple:
         if not isinstance(value, list | tuple):
             _bad(key, value, "a list")
@@ -299,9 +380,6 @@ def _scalar(value: Any, hint: Any, spec: dataclasses.Field, key: str) -> Any:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         if not ok or (hint is int and not float(value).is_integer()):
             _bad(key, value, "an integer" if hint is int else "a number")
-        lo, hi = spec.metadata.get("min"), spec.metadata.get("max")
-        if lo is not None and not lo <= value <= hi:
-            _bad(key, value, f"a number from {lo} to {hi}")
         return hint(value)
     if hint is Path:
         if not isinstance(value, str):
@@ -313,6 +391,10 @@ def _scalar(value: Any, hint: Any, spec: dataclasses.Field, key: str) -> Any:
 
 
 def _bad(key: str, value: Any, allowed: str) -> typing.NoReturn:
+    if key.startswith("--"):  # a request option (studio.request), not a config key
+        raise InputError(
+            f"{key} {value!r} is not allowed: use {allowed}.", fix=f"pass {key} with such a value."
+        )
     raise ConfigError(
         f"Config key {key} has value {value!r}; allowed: {allowed}.",
         fix=f"change it in the profile or pass --set {key}=<value>.",

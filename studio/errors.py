@@ -71,3 +71,15 @@ class RuntimeSetupError(StudioError):
     """The requested device or execution provider cannot be used."""
 
     exit_code = 5
+
+
+class OutputError(StudioError):
+    """A file cannot be written (disk full, no permission, read-only folder); nothing partial is left."""
+
+    exit_code = 6
+
+
+class RefineError(StudioError):
+    """A refine changed nothing (no face, too few faces for the mapping): no file is written."""
+
+    exit_code = 7

@@ -3,38 +3,109 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from studio.errors import OutputError
+
 _CHUNK = 1 << 20
 _FILE_MODE = 0o644
+_HOST = re.sub(r"[^\w.-]", "_", socket.gethostname()) or "host"
+TEMP_MARK = "~studio-tmp"  # every temp file of ours: .<name>~studio-tmp~<host>~<pid>~<random>
+_TEMP = re.compile(rf"^\..+{TEMP_MARK}~(?P<host>[^~]+)~(?P<pid>\d+)~[^~]+$")
+_STALE_FOREIGN_S = 24 * 3600  # a temp file of another host's process is stale after a day
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Path) -> Iterator[BinaryIO]:
-    """Yield a binary file that replaces ``path`` only once fully written and fsynced.
+def atomic_writer(path: Path, *, exclusive: bool = False) -> Iterator[BinaryIO]:
+    """Yield a binary file that becomes ``path`` only once fully written and fsynced.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    ``exclusive``: never replace an existing ``path`` (FileExistsError instead; the rename is a hard link,
+    atomic and no-clobber, so two processes can never overwrite each other). On any exception the temp
+    file is removed and ``path`` is left as it was; an OSError becomes a one-line OutputError.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".{path.name}{TEMP_MARK}~{_HOST}~{os.getpid()}~"
+        fd, tmp_name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
+        tmp = Path(tmp_name)
         os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; outputs and models are shared files
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        _commit(tmp, path, exclusive)
+    except FileExistsError:
         raise
+    except OSError as err:
+        raise _output_error(path, err) from err
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def _commit(tmp: Path, path: Path, exclusive: bool) -> None:
+    if not exclusive:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails with FileExistsError if path exists: no check-then-replace race
+    except FileExistsError:
+        raise
+    except OSError as err:  # a filesystem without hard links: claim the name, then fill it
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE))
+        os.replace(tmp, path)
+
+
+def _output_error(path: Path, err: OSError) -> OutputError:
+    reason = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exhausted",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EROFS: "the folder is on a read-only file system",
+    }.get(err.errno or 0, err.strerror or str(err))
+    return OutputError(
+        f"Could not write {path}: {reason}; nothing partial was left.",
+        fix="free disk space or make the folder writable (or choose another), then run again.",
+    )
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove temp files of ours (own naming only) whose writer is gone: a dead local process, or old."""
+    removed = []
+    for path in Path(folder).glob(f".*{TEMP_MARK}~*") if Path(folder).is_dir() else ():
+        match = _TEMP.match(path.name)
+        if match is None or (match["host"] == _HOST and _alive(int(match["pid"]))):
+            continue
+        with contextlib.suppress(OSError):
+            if match["host"] == _HOST or time.time() - path.stat().st_mtime > _STALE_FOREIGN_S:
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

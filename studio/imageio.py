@@ -24,7 +24,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from studio.errors import ConfigError, ImageError
+from studio.errors import ConfigError, ImageError, OutputError
 from studio.files import atomic_writer
 from studio.types import ImageBGR, ImageRGB
 
@@ -82,8 +82,12 @@ def write_image(
     *,
     parameters: str | None = None,
     recipe: Mapping[str, object] | None = None,
+    exclusive: bool = False,
 ) -> Path:
-    """Write a BGR array atomically as PNG/JPEG/WEBP (by extension) with generation metadata."""
+    """Write a BGR array atomically as PNG/JPEG/WEBP (by extension) with generation metadata.
+
+    ``exclusive``: FileExistsError rather than replacing an existing file (see ``atomic_writer``).
+    """
     # 1. check inputs before anything touches the disk
     path = Path(path)
     image_format = _format_for_extension(path)
@@ -91,8 +95,10 @@ def write_image(
     options = _save_options(image_format, parameters, _recipe_json(recipe))
     # 2. encode straight into a temp file that replaces `path` only once complete
     try:
-        with atomic_writer(path) as handle:
+        with atomic_writer(path, exclusive=exclusive) as handle:
             picture.save(handle, format=image_format, **options)
+    except (FileExistsError, OutputError):
+        raise
     except _PILLOW_ERRORS as err:
         raise ImageError(
             f"Could not write {image_format} image {path}: {err}; the previous file (if any) is unchanged.",

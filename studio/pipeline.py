@@ -1,146 +1,424 @@
-"""``Studio``: a request goes through draft → refine → outputs. The one place the stages meet."""
+"""``Studio``: the in-memory stage API every client uses, and the one place the stages meet.
+
+    studio = Studio(load_config("tiny"))
+    drafts = studio.draft(GenerateRequest("a lighthouse keeper, {age}", variables={"age": "70"}))
+    refined = studio.refine(drafts[0], "anna")          # or "0=anna,1=kenji"
+    path = studio.save(refined)                           # the one output sink
+
+``generate`` only chains draft → refine → save; ``refine_files`` opens existing images (their own recipe
+becomes the parent of the refined one); ``reproduce`` runs a stored recipe again under its own config.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from studio.config import StudioConfig, config_dir, write_resolved_config
-from studio.draft import DraftRequest, plan_batches, prepare_draft, render_draft
+from studio.config import StudioConfig, config_from_dict, config_to_dict
+from studio.draft import DraftPipeline, DraftRequest, Progress, open_draft_pipeline, plan_batches
 from studio.draft.face import FaceCondition
-from studio.draft.load import BaseModel
-from studio.errors import InputError, ModelError
+from studio.errors import InputError, RefineError
 from studio.faces import (
     FaceModels,
-    RefineResult,
-    RefineSettings,
     load_face_model,
     load_face_models,
     load_token_encoder,
     refine,
-    refine_entries,
+    refine_models,
 )
-from studio.faces.identity import EnrolReport, EnrolSettings, IdentityLibrary
-from studio.faces.select import IdentitySpec, parse_identity_spec
+from studio.faces.identity import EnrolReport, IdentityLibrary
+from studio.faces.quality import FaceQA
+from studio.faces.select import Cast
 from studio.files import sha256_file
-from studio.imageio import format_parameters, read_image, read_metadata, write_image
+from studio.imageio import read_image, read_metadata, to_pil
 from studio.models import open_catalogue
 from studio.models.cache import ModelCache
-from studio.models.catalogue import Catalogue, ModelEntry, ensure_allowed
-from studio.models.store import file_digest, require_verified
-from studio.models.weights import check_weights_file
-from studio.recipe import a1111_settings, check_recipe, make_recipe
-from studio.request import GenerateRequest, build_draft_request, check_inputs_unchanged, request_from_recipe
+from studio.models.catalogue import Catalogue
+from studio.models.resolve import resolve
+from studio.output import OutputSink
+from studio.recipe import DraftRecord, Recipe, RefineRecord, differences, environment, recipe_from_image
+from studio.request import GenerateRequest, build_draft_request
 from studio.types import Identity, ImageBGR
 
 logger = logging.getLogger(__name__)
 
 REFINE_SKIPPED = "refine skipped: no --identity given, faces are left as drafted"
 TINY_NOTE = "tiny profile: random-weight models, the pictures are NOT portraits"
+TINY_DETECTOR_NOTE = "tiny profile: the face detector is a fixture (one face at a fixed place)"
+
+
+@dataclass(frozen=True, eq=False)
+class Draft:
+    """A rendered (or opened) picture and its recipe; ``source`` is the file it was opened from."""
+
+    image: ImageBGR  # HxWx3 uint8 BGR
+    recipe: Recipe
+    source: Path | None = None
+
+    @property
+    def pil(self) -> Image.Image:
+        """The picture as an RGB PIL image."""
+        return to_pil(self.image)
+
+
+@dataclass(frozen=True, eq=False)
+class Refined:
+    """A refined picture, its recipe, and what the refine did (``changed`` False: nothing was swapped)."""
+
+    image: ImageBGR  # HxWx3 uint8 BGR
+    recipe: Recipe
+    status: str  # ok, failed_qa, no_faces, too_few_faces, index_out_of_range
+    message: str
+    qa: tuple[FaceQA, ...] = ()
+    source: Path | None = None
+
+    @property
+    def changed(self) -> bool:
+        """True when faces were swapped (whether or not they passed QA)."""
+        return self.status in ("ok", "failed_qa")
+
+    @property
+    def pil(self) -> Image.Image:
+        """The picture as an RGB PIL image."""
+        return to_pil(self.image)
+
+    @property
+    def status_line(self) -> str:
+        """The refine message plus each swapped face's identity similarity (after, and before)."""
+        qa = "; ".join(
+            f"face {q.face_index} similarity {q.similarity_after:.3f} (was {q.similarity_before:.3f})"
+            + ("" if q.passed else " FAILED QA")
+            for q in self.qa
+        )
+        return f"{self.message}{'; ' + qa if qa else ''}"
 
 
 @dataclass(frozen=True)
 class GenerateResult:
     """What a run wrote, each image's refine status, and how long each stage took."""
 
+    run_id: str
     outputs: tuple[Path, ...]
     config_file: Path
     timings: dict[str, float]
     notes: tuple[str, ...] = ()
-    statuses: tuple[str, ...] = ()  # one line per output: what the refine stage did
+    statuses: tuple[str, ...] = ()  # one line per refined image: what the refine stage did
+    unchanged: tuple[str, ...] = ()  # refines that changed nothing (no file written for them)
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    """A reproduced image, whether its pixels equal the original's, and what differs if they do not."""
+
+    result: GenerateResult
+    identical: bool
+    differences: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
-class _Refiner:
-    """Everything a refine run needs, prepared once per request."""
+class _RefineSetup:
+    """Models and identities for one cast, prepared once per request."""
 
-    spec: IdentitySpec
-    text: str  # the --identity value, for recipes
-    identities: dict[str, Identity]
+    cast: Cast
     models: FaceModels
-    settings: RefineSettings
-    reference: Identity | None
+    identities: dict[str, Identity]
+    digests: dict[str, str]  # identity name -> identity file sha256
+    model_digests: dict[str, str] = field(default_factory=dict)  # role -> sha256
 
 
 class Studio:
-    """Holds the config, the catalogue and the model cache for any number of requests."""
+    """Holds the config, the catalogue and the model cache for any number of requests (thread-safe)."""
 
     def __init__(self, config: StudioConfig, cache: ModelCache | None = None) -> None:
         self.config = config
         self.cache = cache or ModelCache()
         self.catalogue: Catalogue = open_catalogue(config)
 
-    def generate(self, request: GenerateRequest) -> GenerateResult:
-        """Render ``request`` and write one PNG per image with its recipe."""
-        timings: dict[str, float] = {}
-        # 1. the draft request: style, template, LoRAs, pose and init image resolved and checked
-        draft, inputs = build_draft_request(request, self.catalogue, self.config)
-        draft = replace(draft, face=self._face_condition(request))
-        # 2. models: licences checked before any work, then loaded (once per process)
-        with _timed(timings, "load"):
-            refining = request.identity is not None and (self.config.refine.enabled or not request.adapter)
-            base = self._prepare(draft, refining=refining)
-            refiner = self._refiner(request) if refining else None
-        # 3. draft → refine, writing each image as its batch finishes (an interruption keeps finished ones)
-        notes = self._notes(refiner)
-        return self._render(draft, base, inputs, notes, timings, refiner)
+    @property
+    def identities(self) -> IdentityLibrary:
+        """The identity library the config points at."""
+        return IdentityLibrary(self.config.refine.identities_dir)
 
-    def reproduce(self, image_path: Path) -> tuple[GenerateResult, bool]:
-        """Render an image again from its recipe; returns the result and whether pixels are identical."""
-        recipe = check_recipe(
-            read_metadata(image_path, max_pixels=self.config.images.max_pixels).recipe, image_path
+    # -- the stage API -------------------------------------------------------------------------------
+
+    def draft(self, request: GenerateRequest, progress: Progress | None = None) -> list[Draft]:
+        """Render ``request``'s drafts in memory (no file is written)."""
+        return list(self.iter_drafts(request, progress))
+
+    def iter_drafts(self, request: GenerateRequest, progress: Progress | None = None) -> Iterator[Draft]:
+        """Render ``request`` batch by batch, yielding each Draft as its batch finishes."""
+        # 1. the draft request: style, template, LoRAs, pose, init image and face adapter resolved and checked
+        face = self._face_condition(request)
+        draft, inputs = build_draft_request(request, self.catalogue, self.config, self.cache, face)
+        # 2. the base model (resolved, licence-checked, loaded once per cache)
+        pipeline = open_draft_pipeline(self.config.draft.model, self.catalogue, self.config, self.cache)
+        batch_of = {
+            s: batch for batch in plan_batches(draft.count, draft.batch_size, draft.seed) for s in batch
+        }
+        # 3. render, each image with its recipe
+        for seed, image in pipeline.render(draft, progress):
+            yield Draft(image, self._draft_recipe(request, draft, pipeline, seed, batch_of[seed], inputs))
+
+    def open(self, path: Path) -> Draft:
+        """An existing picture as the input of a refine; its own recipe (if any) becomes the parent."""
+        path = Path(path)
+        image = read_image(path, max_pixels=self.config.images.max_pixels)
+        meta = read_metadata(path, max_pixels=self.config.images.max_pixels)
+        parent = recipe_from_image(meta.recipe, path) if meta.recipe is not None else None
+        source = {"path": str(path), "sha256": sha256_file(path)}
+        if meta.parameters:
+            source["parameters"] = meta.parameters
+        recipe = Recipe(
+            request={}, config=config_to_dict(self.config), models={}, source=source, parent=parent
         )
-        again = request_from_recipe(recipe)
-        draft, inputs = build_draft_request(again, self.catalogue, self.config)
-        draft = replace(draft, face=self._face_condition(again))
-        check_inputs_unchanged(recipe.get("inputs", {}), inputs)
+        return Draft(image, recipe, source=path)
+
+    def refine(
+        self,
+        picture: Draft | ImageBGR,
+        cast: str | Cast,
+        *,
+        select: str | None = None,
+        index: int = 0,
+        match: str | None = None,
+    ) -> Refined:
+        """Swap the faces ``cast`` names (``anna``, ``0=anna,1=kenji``) in ``picture``; check each result."""
+        if not isinstance(cast, Cast):
+            cast = Cast.parse(cast, select=select, index=index, match=match)  # type: ignore[arg-type]
+        if not isinstance(picture, Draft):
+            picture = Draft(
+                np.ascontiguousarray(picture), Recipe(request={}, config={}, models={}, source={})
+            )
+        return self._refine(picture, self._refine_setup(cast))
+
+    def save(
+        self, result: Draft | Refined, folder: Path | None = None, sink: OutputSink | None = None
+    ) -> Path:
+        """Write ``result`` through the output sink; a refine that changed nothing is refused."""
+        if isinstance(result, Refined) and not result.changed:
+            raise RefineError(
+                f"Nothing to save: {result.message}.", fix="check the cast against the faces found."
+            )
+        sink = sink or self._start_sink(folder, result.recipe.request)[0]
+        return sink.write(result.image, result.recipe, _stem(result))
+
+    # -- whole runs (what the command line calls) ----------------------------------------------------------
+
+    def generate(self, request: GenerateRequest, progress: Progress | None = None) -> GenerateResult:
+        """Draft → refine (with ``request.identity``) → save, writing each image as its batch finishes."""
+        return self._generate(request, progress, only_seed=None)
+
+    def _generate(
+        self, request: GenerateRequest, progress: Progress | None, only_seed: int | None
+    ) -> GenerateResult:
+        timings: dict[str, float] = {"load": 0.0, "draft": 0.0}
+        # 1. check everything before any work: models, licences, identities (consent), the output folder
+        with _timed(timings, "load"):
+            setup = self._refine_setup(self._cast(request)) if self._refining(request) else None
+            sink, config_file = self._start_sink(None, request.to_dict())
+        # 2. draft → refine → save, image by image (an interruption keeps the finished ones)
+        outputs, statuses, unchanged = [], [], []
+        drafts = self.iter_drafts(request, progress)
+        while True:
+            with _timed(timings, "draft"):
+                draft = next(drafts, None)
+            if draft is None:
+                break
+            if only_seed is not None and draft.recipe.seed != only_seed:
+                continue  # reproducing one image of a batch: the others are rendered, not written
+            result: Draft | Refined = draft
+            if setup is not None:
+                with _timed(timings, "refine"):
+                    refined = self._refine(draft, setup)
+                statuses.append(f"seed {draft.recipe.seed}: {refined.status_line}")
+                if refined.changed:
+                    result = refined
+                else:
+                    unchanged.append(f"seed {draft.recipe.seed}: {refined.message} (the draft was kept)")
+            with _timed(timings, "write"):
+                outputs.append(sink.write(result.image, result.recipe, _stem(result)))
+        notes = self._notes(refining=setup is not None)
+        return GenerateResult(
+            sink.run_id, tuple(outputs), config_file, timings, notes, tuple(statuses), tuple(unchanged)
+        )
+
+    def refine_files(self, paths: list[Path], request: GenerateRequest) -> GenerateResult:
+        """Refine existing pictures (e.g. a master creative) onto ``request.identity``; never overwrites."""
         timings: dict[str, float] = {}
         with _timed(timings, "load"):
-            refining = bool(recipe.get("refine"))
-            base = self._prepare(draft, refining=refining)
-            refiner = self._refiner(again) if refining else None
-        if base.sha256 and base.sha256 != recipe["model"]["sha256"]:
-            raise InputError(
-                f"The recipe's model {recipe['model']['label']!r} has changed on disk.",
-                fix="restore the model file the image was made with.",
-            )
-        result = self._render(draft, base, inputs, self._notes(refiner), timings, refiner, recipe["seed"])
-        same = np.array_equal(read_image(result.outputs[0]), read_image(image_path))
-        return result, same
+            setup = self._refine_setup(self._cast(request))
+            sink, config_file = self._start_sink(None, request.to_dict())
+        outputs, statuses, unchanged = [], [], []
+        for path in paths:
+            with _timed(timings, "refine"):
+                refined = self._refine(self.open(path), setup)
+            statuses.append(f"{Path(path).name}: {refined.status_line}")
+            if not refined.changed:
+                unchanged.append(f"{Path(path).name}: {refined.message} (no file written)")
+                continue
+            with _timed(timings, "write"):
+                outputs.append(sink.write(refined.image, refined.recipe, _stem(refined)))
+        notes = self._notes(refining=True)
+        return GenerateResult(
+            sink.run_id, tuple(outputs), config_file, timings, notes, tuple(statuses), tuple(unchanged)
+        )
 
-    # -- running -----------------------------------------------------------------------------------
+    def reproduce(self, image_path: Path, *, use_current_config: bool = False) -> Reproduction:
+        """Render an image again from its recipe, under the recipe's own config unless told otherwise."""
+        path = Path(image_path)
+        recipe = recipe_from_image(read_metadata(path, max_pixels=self.config.images.max_pixels).recipe, path)
+        studio = self if use_current_config else self._under(recipe)
+        result, again = studio._repeat(recipe)
+        same = np.array_equal(read_image(result.outputs[0]), read_image(path))
+        found = () if same else tuple(differences(recipe, again) or ["no recorded input differs"])
+        return Reproduction(result, same, found)
 
-    def _prepare(self, draft: DraftRequest, *, refining: bool) -> BaseModel:
-        entries: list[ModelEntry] = [
-            e for e in (self.catalogue.get(self.config.draft.model),) if e is not None
-        ]
-        entries += [self.catalogue[lo.name] for lo, _ in draft.loras if lo.name in self.catalogue]
-        entries += [draft.control.model] if draft.control else []
-        entries += refine_entries(self.config, self.catalogue) if refining else []
-        ensure_allowed(entries, commercial=self.config.commercial)
-        return prepare_draft(self.config.draft.model, self.catalogue, self.config, self.cache)
+    def enrol(self, name: str, photos: list[Path], *, consent: str, replace: bool = False) -> EnrolReport:
+        """Enrol identity ``name`` from ``photos`` with its consent record."""
+        refine_config = self.config.refine
+        detector = resolve(refine_config.detector, "detector", self.config, self.catalogue)
+        recognizer = resolve(refine_config.recognizer, "recognizer", self.config, self.catalogue)
+        return self.identities.enrol(
+            name,
+            photos,
+            consent=consent,
+            detector=load_face_model(detector, self.config, self.cache),
+            recognizer=load_face_model(recognizer, self.config, self.cache),
+            token_encoder=load_token_encoder(recognizer, self.config, self.cache),
+            recognizer_sha256=recognizer.sha256,
+            settings=refine_config,
+            max_pixels=self.config.images.max_pixels,
+            replace=replace,
+        )
 
-    def _refiner(self, request: GenerateRequest) -> _Refiner:
-        """Identities (consent and recognizer checked), models and settings for a refine run."""
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _refining(self, request: GenerateRequest) -> bool:
+        if request.identity is None or (request.adapter and not self.config.refine.enabled):
+            return False  # an adapter alone steers the draft; refine only when enabled
         if not self.config.refine.enabled:
             raise InputError(
                 "--identity was given but refine.enabled = false.", fix="set refine.enabled = true."
             )
-        spec = parse_identity_spec(request.identity or "")
-        models = load_face_models(self.config, self.catalogue, self.cache)
-        names = (*spec.names, *((request.match,) if request.match else ()))
-        identities = {n: self.identities.get(n, recognizer_sha256=models.recognizer_sha256) for n in names}
-        settings = RefineSettings.from_config(self.config, select=request.select, index=request.face_index)
-        reference = identities[request.match] if request.match else None
-        return _Refiner(spec, request.identity or "", identities, models, settings, reference)
+        return True
+
+    def _cast(self, request: GenerateRequest) -> Cast:
+        if not request.identity:
+            raise InputError("Refining needs --identity NAME (or 0=anna,1=kenji).", fix="pass --identity.")
+        return Cast.parse(
+            request.identity, select=request.select, index=request.face_index, match=request.match
+        )
+
+    def _refine_setup(self, cast: Cast) -> _RefineSetup:
+        """Models (checked, licence applied) and identities (consent checked now, when the work starts)."""
+        models = refine_models(self.config, self.catalogue)
+        loaded = load_face_models(models, self.config, self.cache)
+        library = self.identities
+        identities = {n: library.get(n, recognizer_sha256=loaded.recognizer_sha256) for n in cast.names}
+        digests = {n: sha256_file(library.path_for(n)) for n in cast.names}
+        return _RefineSetup(cast, loaded, identities, digests, {r: m.sha256 for r, m in models.items()})
+
+    def _refine(self, picture: Draft, setup: _RefineSetup) -> Refined:
+        result = refine(
+            picture.image, setup.cast, setup.identities, setup.models, self.config.refine, self.cache
+        )
+        record = RefineRecord(
+            cast=setup.cast.text,
+            select=setup.cast.select or self.config.refine.select,
+            face_index=setup.cast.index,
+            match=setup.cast.match,
+            identities=setup.digests,
+            **result.to_recipe(),
+        )
+        recipe = self._refined_recipe(picture, record, setup)
+        return Refined(result.image, recipe, result.status, result.message, result.qa, picture.source)
+
+    def _refined_recipe(self, picture: Draft, record: RefineRecord, setup: _RefineSetup) -> Recipe:
+        models = {f"refine.{role}": sha for role, sha in setup.model_digests.items()}
+        if picture.recipe.draft is not None:  # a fresh draft: one recipe with both stages
+            draft = picture.recipe
+            return replace(draft, refine=record, models={**draft.models, **models})
+        cast = setup.cast
+        request = GenerateRequest(
+            prompt="", identity=cast.text, select=cast.select, face_index=cast.index, match=cast.match
+        )  # type: ignore[arg-type]
+        return replace(
+            picture.recipe,
+            request=request.to_dict(),
+            config=config_to_dict(self.config),
+            profile=self.config.profile,
+            models=models,
+            refine=record,
+            environment=environment(self.config.runtime.device),
+            notes=self._notes(refining=True),
+        )
+
+    def _draft_recipe(
+        self,
+        request: GenerateRequest,
+        draft: DraftRequest,
+        pipeline: DraftPipeline,
+        seed: int,
+        batch: tuple[int, ...],
+        inputs: dict[str, dict[str, str]],
+    ) -> Recipe:
+        base = pipeline.base
+        models = {"draft.base": base.sha256}
+        models |= {f"draft.lora.{m.label}": m.sha256 for m, _ in draft.loras}
+        if draft.control is not None:
+            models["draft.controlnet"] = draft.control.model.sha256
+        if draft.face is not None:
+            models["draft.adapter"] = draft.face.weights_sha256
+        record = DraftRecord(
+            prompt=draft.prompt,
+            negative=draft.negative,
+            seed=seed,
+            batch_seeds=batch,
+            width=draft.width,
+            height=draft.height,
+            steps=draft.steps,
+            cfg=draft.cfg,
+            sampler=draft.sampler,
+            model={"label": base.label, "family": base.family, "sha256": base.sha256},
+            loras=tuple({"name": m.label, "sha256": m.sha256, "weight": w} for m, w in draft.loras),
+            strength=draft.strength if draft.init_image is not None else None,
+            control=None
+            if draft.control is None
+            else {
+                "model": draft.control.model.label,
+                "sha256": draft.control.model.sha256,
+                "scale": draft.control.scale,
+                "start": draft.control.start,
+                "end": draft.control.end,
+            },
+            adapter=None
+            if draft.face is None
+            else {
+                "kind": draft.face.kind,
+                "identity": draft.face.identity.name,
+                "identity_sha256": draft.face.identity_sha256,
+                "weights_sha256": draft.face.weights_sha256,
+                "scale": draft.face.scale,
+            },
+            inputs=inputs,
+        )
+        return Recipe(
+            request=request.to_dict(),
+            config=config_to_dict(self.config),
+            models=models,
+            profile=self.config.profile,
+            draft=record,
+            environment=environment(str(pipeline.device)),
+            notes=self._notes(refining=self._refining(request)),
+        )
 
     def _face_condition(self, request: GenerateRequest) -> FaceCondition | None:
         """The identity adapter the request asks for (FACT or IP-Adapter-FaceID), checked and located."""
@@ -151,188 +429,85 @@ class Studio:
                 f"--adapter {request.adapter} needs an identity to steer toward.",
                 fix="add --identity NAME (enrol it first with `studio identity add`).",
             )
-        spec = parse_identity_spec(request.identity)
-        if spec.name is None:
+        cast = Cast.parse(request.identity)
+        if cast.spec.name is None:
             raise InputError(
                 f"--adapter steers the draft toward one identity; got the mapping {request.identity!r}.",
                 fix="pass --identity NAME with --adapter (mappings work for the refine stage).",
             )
-        recognizer = self.catalogue.entry(self.config.refine.recognizer, "recognizer")
-        identity = self.identities.get(spec.name, recognizer_sha256=recognizer.sha256)
+        recognizer = resolve(self.config.refine.recognizer, "recognizer", self.config, self.catalogue)
+        identity = self.identities.get(cast.spec.name, recognizer_sha256=recognizer.sha256)
         ref = self.config.adapter.fact if request.adapter == "fact" else self.config.adapter.faceid
-        path, sha = self._adapter_file(ref, request.adapter)
+        weights = resolve(ref, "adapter", self.config, self.catalogue)
         scale = self.config.adapter.scale if request.adapter_scale is None else request.adapter_scale
-        return FaceCondition(request.adapter, path, sha, identity, scale)
+        digest = sha256_file(self.identities.path_for(identity.name))
+        return FaceCondition(request.adapter, weights.path, weights.sha256, identity, scale, digest)
 
-    def _adapter_file(self, ref: str, kind: str) -> tuple[Path, str]:
-        entry = self.catalogue.get(ref)
-        if entry is not None and entry.kind == "adapter":
-            ensure_allowed([entry], commercial=self.config.commercial)
-            return require_verified(entry, self.config.models), entry.sha256
-        path = Path(ref).expanduser()
-        path = path if path.is_absolute() else config_dir().parent / path
+    def _repeat(self, recipe: Recipe) -> tuple[GenerateResult, Recipe]:
+        """Run ``recipe`` again; returns what was written and the new image's recipe."""
+        request = recipe.generate_request()
+        if recipe.draft is None:  # a re-faced existing image: refine its source again
+            source = self._source_of(recipe)
+            result = self.refine_files([source], request)
+        else:
+            result = self._generate(request, None, only_seed=recipe.seed)
+        if not result.outputs:
+            raise RefineError(
+                "The recipe ran again but produced no image: " + "; ".join(result.unchanged),
+                fix="see the reason.",
+            )
+        again = recipe_from_image(read_metadata(result.outputs[0]).recipe, result.outputs[0])
+        return result, again
+
+    def _source_of(self, recipe: Recipe) -> Path:
+        """The source image a re-faced recipe started from, unchanged, or an InputError saying why not."""
+        source = recipe.source or {}
+        path = Path(source.get("path", ""))
         if not path.is_file():
-            hint = "train one with train_adapter.py" if kind == "fact" else "run `studio models pull`"
-            raise ModelError(
-                f"The {kind} adapter {ref!r} is neither a catalogue entry nor a file ({path}).",
-                fix=f"{hint}, or point adapter.{'fact' if kind == 'fact' else 'faceid'} at it.",
+            raise InputError(
+                f"The source image {path} of this re-faced picture is gone.",
+                fix="put the source image back at that path (its recipe is kept as the parent).",
             )
-        check_weights_file(path, allow_pickle=self.config.models.allow_pickle)
-        return path, file_digest(path, self.config.models.dir)
-
-    @property
-    def identities(self) -> IdentityLibrary:
-        """The identity library the config points at."""
-        return IdentityLibrary(self.config.refine.identities_dir)
-
-    def enrol(self, name: str, photos: list[Path], *, consent: str, replace: bool = False) -> EnrolReport:
-        """Enrol identity ``name`` from ``photos`` with its consent record."""
-        refine = self.config.refine
-        detector = self.catalogue.entry(refine.detector, "detector")
-        recognizer = self.catalogue.entry(refine.recognizer, "recognizer")
-        ensure_allowed([detector, recognizer], commercial=self.config.commercial)
-        return self.identities.enrol(
-            name,
-            photos,
-            consent=consent,
-            detector=load_face_model(detector, self.config, self.cache),
-            recognizer=load_face_model(recognizer, self.config, self.cache),
-            token_encoder=load_token_encoder(recognizer, self.config, self.cache),
-            recognizer_sha256=recognizer.sha256,
-            settings=EnrolSettings.from_config(refine),
-            max_pixels=self.config.images.max_pixels,
-            replace=replace,
-        )
-
-    def refine_files(self, paths: list[Path], request: GenerateRequest) -> GenerateResult:
-        """Refine existing pictures (e.g. a master creative) onto ``request.identity``; never overwrites."""
-        timings: dict[str, float] = {}
-        with _timed(timings, "load"):
-            ensure_allowed(refine_entries(self.config, self.catalogue), commercial=self.config.commercial)
-            refiner = self._refiner(request)
-        outputs, statuses = [], []
-        start = time.perf_counter()
-        for path in paths:
-            image = read_image(path, max_pixels=self.config.images.max_pixels)
-            result = self._apply_refiner(refiner, image)
-            meta = read_metadata(path, max_pixels=self.config.images.max_pixels)
-            recipe = {
-                "source_image": {"path": str(path), "sha256": sha256_file(path)},
-                "refine": self._refine_record(refiner, result),
-                "stages": ["refine"],
-            }
-            name = f"{path.stem}-{refiner.text.replace(',', '+').replace('=', '-')}"
-            outputs.append(
-                write_image(
-                    _free_path(self.config.output_dir, name),
-                    result.image,
-                    parameters=meta.parameters,
-                    recipe=recipe,
-                )
+        if sha256_file(path) != source.get("sha256"):
+            raise InputError(
+                f"The source image {path} changed since the picture was re-faced.",
+                fix="restore the original file.",
             )
-            statuses.append(f"{path.name}: {_status_line(result)}")
-        timings["refine"] = time.perf_counter() - start
-        config_file = write_resolved_config(
-            self.config, _free_path(self.config.output_dir, "refine-config", ".toml")
-        )
-        return GenerateResult(
-            tuple(outputs), config_file, timings, tuple(self._notes(refiner)), tuple(statuses)
-        )
+        return path
 
-    def _apply_refiner(self, refiner: _Refiner, image: ImageBGR) -> RefineResult:
-        return refine(
-            image,
-            refiner.spec,
-            refiner.identities,
-            refiner.models,
-            refiner.settings,
-            self.cache,
-            reference=refiner.reference,
-        )
+    def _under(self, recipe: Recipe) -> Studio:
+        """A Studio under the recipe's config (this Studio's output folder, and its loaded models)."""
+        table = {**recipe.config, "output_dir": str(self.config.output_dir)}
+        return Studio(config_from_dict(table), self.cache)
 
-    def _refine_record(self, refiner: _Refiner, result: RefineResult) -> dict[str, Any]:
-        request = {
-            "identity": refiner.text,
-            "select": refiner.settings.select,
-            "face_index": refiner.settings.index,
-            "match": refiner.reference.name if refiner.reference else None,
-        }
-        return {
-            "identity": refiner.text,
-            "request": request,
-            **result.to_recipe(),
-            "models": {"recognizer_sha256": refiner.models.recognizer_sha256},
-        }
+    def _start_sink(self, folder: Path | None, request: Mapping[str, Any]) -> tuple[OutputSink, Path]:
+        sink = OutputSink(folder or self.config.output_dir)
+        return sink, sink.start(self.config, request)
 
-    def _notes(self, refiner: _Refiner | None) -> list[str]:
-        notes = [TINY_NOTE] if self.config.models.tiny_kit is not None else []
-        if refiner is None and self.config.refine.enabled:
+    def _notes(self, *, refining: bool) -> tuple[str, ...]:
+        tiny = self.config.models.tiny_kit is not None
+        notes = [TINY_NOTE] if tiny else []
+        if not refining and self.config.refine.enabled:
             notes.append(REFINE_SKIPPED)
-        if refiner is not None and self.config.models.tiny_kit is not None:
-            notes.append("tiny profile: the face detector is a fixture (one face at a fixed place)")
-        return notes
-
-    def _render(
-        self,
-        draft: DraftRequest,
-        base: BaseModel,
-        inputs: dict[str, Any],
-        notes: list[str],
-        timings: dict[str, float],
-        refiner: _Refiner | None = None,
-        only_seed: int | None = None,
-    ) -> GenerateResult:
-        folder, stamp = self.config.output_dir, datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        batches = plan_batches(draft.count, draft.batch_size, draft.seed)
-        batch_of = {seed: batch for batch in batches for seed in batch}
-        outputs: list[Path] = []
-        statuses: list[str] = []
-        timings["draft"] = 0.0
-        start = time.perf_counter()
-        for seed, image in render_draft(draft, base, self.config, self.cache):
-            timings["draft"] += time.perf_counter() - start
-            if only_seed is not None and seed != only_seed:
-                start = time.perf_counter()
-                continue
-            recipe = make_recipe(draft, base, seed, batch_of[seed], self.config, inputs, notes)
-            if refiner is not None:
-                with _timed(timings, "refine"):
-                    result = self._apply_refiner(refiner, image)
-                image = result.image
-                recipe |= {"refine": self._refine_record(refiner, result), "stages": ["draft", "refine"]}
-                statuses.append(f"seed {seed}: {_status_line(result)}")
-            params = format_parameters(draft.prompt, draft.negative, a1111_settings(draft, base, seed))
-            outputs.append(
-                write_image(_free_path(folder, f"{stamp}-{seed}"), image, parameters=params, recipe=recipe)
-            )
-            start = time.perf_counter()
-        with _timed(timings, "write"):
-            config_file = write_resolved_config(self.config, _free_path(folder, f"{stamp}-config", ".toml"))
-        return GenerateResult(tuple(outputs), config_file, timings, tuple(notes), tuple(statuses))
+        if refining and tiny:
+            notes.append(TINY_DETECTOR_NOTE)
+        return tuple(notes)
 
 
-def _status_line(result: RefineResult) -> str:
-    """The refine message plus each swapped face's identity similarity (after, and before the swap)."""
-    qa = "; ".join(
-        f"face {q.face_index} similarity {q.similarity_after:.3f} (was {q.similarity_before:.3f})"
-        + ("" if q.passed else " FAILED QA")
-        for q in result.qa
-    )
-    return f"{result.message}{'; ' + qa if qa else ''}"
-
-
-def _free_path(folder: Path, stem: str, suffix: str = ".png") -> Path:
-    """``folder/stem.suffix``, or ``stem-1``, ``stem-2``… so an existing output is never overwritten."""
-    path, n = folder / f"{stem}{suffix}", 0
-    while path.exists():
-        n += 1
-        path = folder / f"{stem}-{n}{suffix}"
-    return path
+def _stem(result: Draft | Refined) -> str:
+    """What the file is: ``<seed>`` for a draft, ``<seed>-<cast>`` refined, ``<source>-<cast>`` re-faced."""
+    recipe = result.recipe
+    base = Path(result.source).stem if result.source is not None else str(recipe.seed)
+    if isinstance(result, Refined) and recipe.refine is not None:
+        return f"{base}-{Cast.parse(recipe.refine.cast).label}"
+    return base
 
 
 @contextmanager
 def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     """Add the time spent in the block to ``timings[stage]``."""
     start = time.perf_counter()
-    yield
-    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start

@@ -1,103 +1,291 @@
-"""Recipes: everything that decided an output image, stored as JSON in the PNG, read back to reproduce it."""
+"""The Recipe: everything that decided an output image. Stored as JSON in each PNG, read back to reproduce it.
+
+Every client passes recipes: the CLI writes them, ``reproduce`` runs them again, the A1111 ``parameters``
+text is made from them, and campaigns key their items by them. A recipe holds the raw request (prompt
+template and variables, not the rendered text), the resolved config, every model file's sha256, identity
+file digests, one record per stage, and for a re-faced image the source image's own recipe as its parent.
+Its draft part has its own key, so a draft can be rendered once and shared by every identity and refine.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from studio import __version__
-from studio.config import StudioConfig, config_to_dict
-from studio.draft import DraftRequest
-from studio.draft.load import BaseModel
 from studio.errors import InputError
+from studio.imageio import format_parameters
+from studio.request import GenerateRequest
 
-RECIPE_VERSION = 1
-
-
-def make_recipe(
-    request: DraftRequest,
-    base: BaseModel,
-    seed: int,
-    batch: tuple[int, ...],
-    config: StudioConfig,
-    inputs: dict[str, Any],
-    notes: list[str],
-) -> dict[str, Any]:
-    """The recipe of the image rendered with ``seed`` in ``batch``."""
-    control = request.control
-    return {
-        "recipe_version": RECIPE_VERSION,
-        "studio_version": __version__,
-        "profile": config.profile,
-        "prompt": request.prompt,
-        "negative": request.negative,
-        "seed": seed,
-        "batch_seeds": list(batch),
-        "width": request.width,
-        "height": request.height,
-        "steps": request.steps,
-        "cfg": request.cfg,
-        "sampler": request.sampler,
-        "model": {"label": base.label, "family": base.family, "sha256": base.sha256},
-        "loras": [{"name": lo.name, "sha256": lo.sha256, "weight": w} for lo, w in request.loras],
-        "strength": request.strength if request.init_image is not None else None,
-        "control": None
-        if control is None
-        else {
-            "model": control.model.name,
-            "scale": control.scale,
-            "start": control.start,
-            "end": control.end,
-        },
-        "adapter": None
-        if request.face is None
-        else {
-            "kind": request.face.kind,
-            "identity": request.face.identity.name,
-            "weights_sha256": request.face.weights_sha256,
-            "scale": request.face.scale,
-        },
-        "inputs": inputs,  # {"init_image": {"path", "sha256"}, "pose": {"path", "sha256", "source"}}
-        "stages": ["draft"],
-        "notes": list(notes),
-        "config": config_to_dict(config),
-    }
+RECIPE_VERSION = 2
+LIBRARIES = ("torch", "diffusers", "transformers", "onnxruntime", "insightface", "peft")
+_PATH_KEYS = ("output_dir",)  # config keys that say where, not what (ignored when comparing and keying)
 
 
-def a1111_settings(request: DraftRequest, base: BaseModel, seed: int) -> dict[str, object]:
-    """The settings line of the A1111 ``parameters`` chunk."""
+@dataclass(frozen=True)
+class DraftRecord:
+    """What rendered a draft: the final prompt, the sampling settings, the batch, every model's digest."""
+
+    prompt: str  # rendered: style and template applied (the raw template is in Recipe.request)
+    negative: str
+    seed: int
+    batch_seeds: tuple[int, ...]  # the batch the image was rendered in (batched kernels round differently)
+    width: int
+    height: int
+    steps: int
+    cfg: float
+    sampler: str
+    model: Mapping[str, str]  # label, family, sha256
+    loras: tuple[Mapping[str, Any], ...] = ()  # name, sha256, weight
+    strength: float | None = None  # img2img only
+    control: Mapping[str, Any] | None = None  # model, sha256, scale, start, end
+    adapter: Mapping[str, Any] | None = None  # kind, identity, identity_sha256, weights_sha256, scale
+    inputs: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # init_image / pose: path, sha256
+
+
+@dataclass(frozen=True)
+class RefineRecord:
+    """What a refine did: who went on which face, with which identity files, and how it turned out."""
+
+    cast: str  # "anna" or "0=anna,1=kenji"
+    select: str
+    face_index: int
+    match: str | None
+    identities: Mapping[str, str]  # name -> identity file sha256
+    status: str  # ok, failed_qa
+    message: str
+    faces_found: int
+    qa: tuple[Mapping[str, Any], ...] = ()
+    upscaled: tuple[bool, ...] = ()
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One output's recipe (frozen, versioned); ``to_json`` / ``from_json`` round-trip it exactly."""
+
+    request: Mapping[str, Any]  # GenerateRequest.to_dict(): the raw request
+    config: Mapping[str, Any]  # the resolved config the output was made under
+    models: Mapping[str, str]  # role -> sha256 of every model file used ("" for a Hugging Face repo)
+    profile: str = "default"
+    draft: DraftRecord | None = None
+    refine: RefineRecord | None = None
+    source: Mapping[str, str] | None = None  # path, sha256 of the existing image a refine started from
+    parent: Recipe | None = None  # the source image's own recipe, when it had one
+    environment: Mapping[str, str] = field(default_factory=dict)  # library versions, device
+    notes: tuple[str, ...] = ()
+    version: int = RECIPE_VERSION
+    studio_version: str = __version__
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages this output went through: ("draft",), ("draft", "refine") or ("refine",)."""
+        return tuple(s for s, rec in (("draft", self.draft), ("refine", self.refine)) if rec is not None)
+
+    @property
+    def seed(self) -> int | None:
+        """The draft seed (the parent's for a re-faced image), if any."""
+        if self.draft is not None:
+            return self.draft.seed
+        return self.parent.seed if self.parent is not None else None
+
+    @property
+    def draft_key(self) -> str | None:
+        """sha256 of the canonical fields that decide the draft's pixels: equal keys, equal drafts."""
+        if self.draft is None:
+            return None
+        record = asdict(self.draft)
+        record["inputs"] = {k: v["sha256"] for k, v in self.draft.inputs.items()}  # content, not paths
+        runtime = {k: self.config.get(k) for k in ("runtime", "performance")}
+        return _digest({"draft": record, "runtime": runtime})
+
+    @property
+    def id(self) -> str:
+        """sha256 of what was asked (request, config, model digests, stage inputs), not of the outcome."""
+        refine = None
+        if self.refine is not None:
+            refine = {
+                k: getattr(self.refine, k) for k in ("cast", "select", "face_index", "match", "identities")
+            }
+        return _digest(
+            {
+                "request": self.request,
+                "config": _what(self.config),
+                "models": self.models,
+                "draft": self.draft_key,
+                "refine": refine,
+                "source": self.source.get("sha256") if self.source else None,
+                "parent": self.parent.id if self.parent else None,
+            }
+        )
+
+    def generate_request(self) -> GenerateRequest:
+        """The request that renders this recipe's whole draft batch again (or repeats its refine)."""
+        request = GenerateRequest.from_dict(self.request)
+        if self.draft is None:
+            return request
+        batch = self.draft.batch_seeds
+        return replace(request, seed=batch[0], count=len(batch), batch_size=len(batch))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data."""
+        data = asdict(self)
+        data["parent"] = self.parent.to_dict() if self.parent else None
+        return data
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys)."""
+        return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "the recipe") -> Recipe:
+        """A recipe from ``to_dict`` data; an InputError saying why when it cannot be read."""
+        version = data.get("version", data.get("recipe_version"))
+        if version != RECIPE_VERSION:
+            raise InputError(
+                f"{where} has recipe version {version!r}; this studio ({__version__}) reads "
+                f"{RECIPE_VERSION}.",
+                fix=f"use the studio version that wrote it ({data.get('studio_version', 'unknown')}).",
+            )
+        try:
+            values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+            values["draft"] = _record(DraftRecord, data.get("draft"))
+            values["refine"] = _record(RefineRecord, data.get("refine"))
+            values["parent"] = cls.from_dict(data["parent"], where) if data.get("parent") else None
+            values["notes"] = tuple(data.get("notes", ()))
+            return cls(**values)
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(f"{where} is damaged ({err!r}).", fix="use an image the studio wrote.") from err
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "the recipe") -> Recipe:
+        """The recipe in ``text`` (see ``to_json``)."""
+        try:
+            return cls.from_dict(json.loads(text), where)
+        except json.JSONDecodeError as err:
+            raise InputError(
+                f"{where} is not valid JSON ({err}).", fix="use an image the studio wrote."
+            ) from err
+
+
+def request_from_recipe(recipe: Recipe) -> GenerateRequest:
+    """The request that renders ``recipe`` again (its whole batch, so the pixels can match exactly)."""
+    return recipe.generate_request()
+
+
+def recipe_from_image(data: Mapping[str, Any] | None, path: Path) -> Recipe:
+    """The recipe stored in the image at ``path`` (its metadata's JSON), or an InputError saying why not."""
+    if data is None:
+        raise InputError(
+            f"{path} carries no studio recipe.",
+            fix="reproduce an image written by `studio generate` or `refine`.",
+        )
+    return Recipe.from_dict(data, str(path))
+
+
+def a1111_parameters(recipe: Recipe) -> str | None:
+    """The A1111 ``parameters`` text of an output: its draft's (or its source's), plus the face swap."""
+    draft = recipe.draft or (recipe.parent.draft if recipe.parent else None)
+    if draft is None:
+        return (recipe.source or {}).get("parameters")
     settings: dict[str, object] = {
-        "Steps": request.steps,
-        "Sampler": request.sampler,
-        "CFG scale": request.cfg,
-        "Seed": seed,
-        "Size": f"{request.width}x{request.height}",
-        "Model hash": base.sha256[:10],
-        "Model": base.label,
+        "Steps": draft.steps,
+        "Sampler": draft.sampler,
+        "CFG scale": draft.cfg,
+        "Seed": draft.seed,
+        "Size": f"{draft.width}x{draft.height}",
+        "Model hash": draft.model["sha256"][:10],
+        "Model": draft.model["label"],
     }
-    if request.init_image is not None:
-        settings["Denoising strength"] = request.strength
-    if request.loras:
-        settings["Lora hashes"] = ", ".join(f"{lo.name}: {lo.sha256[:12]}" for lo, _ in request.loras)
-    if request.face is not None:
-        settings["Face adapter"] = (
-            f"{request.face.kind} {request.face.identity.name} scale {request.face.scale}"
-        )
-    if request.control is not None:
-        settings["ControlNet"] = f"{request.control.model.name} weight {request.control.scale}"
-    return settings
+    if draft.strength is not None:
+        settings["Denoising strength"] = draft.strength
+    if draft.loras:
+        settings["Lora hashes"] = ", ".join(f"{lo['name']}: {lo['sha256'][:12]}" for lo in draft.loras)
+    if draft.adapter is not None:
+        adapter = draft.adapter
+        settings["Face adapter"] = f"{adapter['kind']} {adapter['identity']} scale {adapter['scale']}"
+    if draft.control is not None:
+        settings["ControlNet"] = f"{draft.control['model']} weight {draft.control['scale']}"
+    if recipe.refine is not None:
+        settings["Face swap"] = recipe.refine.cast
+    return format_parameters(draft.prompt, draft.negative, settings)
 
 
-def check_recipe(recipe: dict[str, Any] | None, path: Path) -> dict[str, Any]:
-    """A recipe read from an image, or an InputError saying why it cannot be reproduced."""
-    if recipe is None:
-        raise InputError(
-            f"{path} carries no studio recipe.", fix="reproduce an image written by `studio generate`."
-        )
-    if recipe.get("recipe_version") != RECIPE_VERSION:
-        raise InputError(
-            f"{path} has recipe version {recipe.get('recipe_version')!r}; this studio reads "
-            f"{RECIPE_VERSION}.",
-            fix="use the studio version that wrote it.",
-        )
-    return recipe
+def environment(device: str) -> dict[str, str]:
+    """Library versions and the device: what can change pixels when nothing else did."""
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return {"studio": __version__, **versions, "device": device}
+
+
+def differences(before: Recipe, after: Recipe) -> list[str]:
+    """What differs between two recipes' models, identities, inputs, config and environment."""
+    found: list[str] = []
+    for role in sorted(set(before.models) | set(after.models)):
+        was, now = before.models.get(role), after.models.get(role)
+        if was != now:
+            found.append(f"model {role}: sha256 {_short(was)} then, {_short(now)} now")
+    found += _refine_differences(before.refine, after.refine)
+    if before.draft and after.draft:
+        for key, was in before.draft.inputs.items():
+            now = after.draft.inputs.get(key, {}).get("sha256")
+            if was["sha256"] != now:
+                found.append(
+                    f"input {key} {was['path']}: sha256 {_short(was['sha256'])} then, {_short(now)} now"
+                )
+    if (before.source or {}).get("sha256") != (after.source or {}).get("sha256"):
+        found.append("the source image's content differs")
+    for key in sorted(set(_what(before.config)) | set(_what(after.config))):
+        if _what(before.config).get(key) != _what(after.config).get(key):
+            found.append(f"config [{key}] differs")
+    for key in sorted(set(before.environment) | set(after.environment)):
+        was, now = before.environment.get(key), after.environment.get(key)
+        if was != now:
+            found.append(f"{key}: {was} then, {now} now")
+    return found
+
+
+def _refine_differences(before: RefineRecord | None, after: RefineRecord | None) -> list[str]:
+    if before is None or after is None:
+        return []
+    found = []
+    for name, was in before.identities.items():
+        now = after.identities.get(name)
+        if was != now:
+            found.append(
+                f"identity {name!r}: file sha256 {_short(was)} then, {_short(now)} now (re-enrolled?)"
+            )
+    return found
+
+
+def _record(cls: type, data: Mapping[str, Any] | None) -> Any:
+    if data is None:
+        return None
+    values = dict(data)
+    for f in fields(cls):
+        if f.name in values and isinstance(values[f.name], list):
+            values[f.name] = tuple(values[f.name])
+    return cls(**values)
+
+
+def _what(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config without where-to-write keys."""
+    return {k: v for k, v in config.items() if k not in _PATH_KEYS}
+
+
+def _short(sha: str | None) -> str:
+    return sha[:12] if sha else "none"
+
+
+def _digest(data: Any) -> str:
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -10,8 +10,9 @@ import pytest
 import skimage.data
 
 from studio import geometry
+from studio.config import MaskConfig
 from studio.errors import InputError
-from studio.faces.blend import MaskSettings, crop_mask
+from studio.faces.blend import crop_mask
 
 # Eileen Collins in skimage.data.astronaut() (512x512), measured once on an 8x zoom: pupils, nose tip,
 # mouth corners as (x, y) px. Interocular distance ~41 px, so the 128-px crop is about 1:1 with the photo.
@@ -121,7 +122,7 @@ def test_unmodified_paste_round_trip_on_astronaut(size: int) -> None:
     image = _astronaut()
     affine = geometry.estimate_alignment(ASTRONAUT_LANDMARKS, size)
     crop = geometry.warp_to_crop(image, affine, size)
-    pasted = geometry.paste_back(image, crop, affine, crop_mask(size, MaskSettings()))
+    pasted = geometry.paste_back(image, crop, affine, crop_mask(size, MaskConfig()))
     region = geometry.crop_region(affine, size, image.shape[:2])
     diff = np.abs(pasted.astype(np.int16) - image)  # HxWx3 int16 absolute error
     assert not _outside(diff, region).any()
@@ -136,7 +137,7 @@ def test_unmodified_paste_round_trip_on_smooth_image(size: int) -> None:
     for landmarks in (_landmark_sets()[i] for i in (0, 1, 3)):  # faces well inside the canvas
         affine = geometry.estimate_alignment(landmarks, size)
         crop = geometry.warp_to_crop(image, affine, size)
-        pasted = geometry.paste_back(image, crop, affine, crop_mask(size, MaskSettings()))
+        pasted = geometry.paste_back(image, crop, affine, crop_mask(size, MaskConfig()))
         diff = np.abs(pasted.astype(np.int16) - image)
         assert not _outside(diff, geometry.crop_region(affine, size, image.shape[:2])).any()
         assert diff.max() <= 2
@@ -166,7 +167,7 @@ def test_paste_changes_only_the_roi(centre: tuple[float, float], crop_px: float,
     affine = geometry.estimate_alignment(_face_landmarks(centre, crop_px, degrees), 128)
     crop = 255 - geometry.warp_to_crop(_smooth_image(), affine, 128)  # clearly different content
     crop[:] = np.where(crop.sum(axis=2, keepdims=True) == 765, 40, crop)  # off-canvas black -> visible
-    mask = crop_mask(128, MaskSettings(shape="box", blur=0.05))
+    mask = crop_mask(128, MaskConfig(shape="box", blur=0.05))
     pasted = geometry.paste_back(image, crop, affine, mask)
     region = geometry.crop_region(affine, 128, image.shape[:2])
     x0, y0, x1, y1 = region
@@ -181,7 +182,7 @@ def test_paste_changes_only_the_roi(centre: tuple[float, float], crop_px: float,
 
 def test_crop_region_is_tight_and_clipped() -> None:
     affine = geometry.estimate_alignment(_face_landmarks((256.0, 256.0), 300.0, 45.0), 128)
-    sharp_box = crop_mask(128, MaskSettings(shape="box", blur=0.0))  # > 0 on all but the border pixels
+    sharp_box = crop_mask(128, MaskConfig(shape="box", blur=0.0))  # > 0 on all but the border pixels
     footprint = cv2.warpAffine(sharp_box, cv2.invertAffineTransform(affine), (512, 512))  # HxW full frame
     ys, xs = np.nonzero(footprint)  # every canvas pixel a paste can change
     x0, y0, x1, y1 = geometry.crop_region(affine, 128, (512, 512), pad=0)
@@ -208,7 +209,7 @@ def test_paste_back_never_warps_the_whole_frame(monkeypatch: pytest.MonkeyPatch)
         canvas = np.zeros((side, side, 3), np.uint8)
         affine = geometry.estimate_alignment(_face_landmarks((side / 2, side / 2), 350.0, 20.0), 128)
         crop = np.full((128, 128, 3), 200, np.uint8)
-        mask = crop_mask(128, MaskSettings())
+        mask = crop_mask(128, MaskConfig())
         sizes.clear()
         pasted = geometry.paste_back(canvas, crop, affine, mask)
         x0, y0, x1, y1 = geometry.mask_region(affine, mask, canvas.shape[:2])
@@ -218,11 +219,9 @@ def test_paste_back_never_warps_the_whole_frame(monkeypatch: pytest.MonkeyPatch)
     assert rois[0] == rois[1] and max(rois[0]) < 350 * 1.4  # work follows the face, not the canvas
 
 
-@pytest.mark.parametrize(
-    "settings", [MaskSettings(), MaskSettings("box", 0.1, 0.05), MaskSettings("ellipse", 0.2)]
-)
+@pytest.mark.parametrize("settings", [MaskConfig(), MaskConfig("box", 0.1, 0.05), MaskConfig("ellipse", 0.2)])
 @pytest.mark.parametrize("index", range(5))
-def test_mask_region_holds_every_pixel_a_paste_can_change(settings: MaskSettings, index: int) -> None:
+def test_mask_region_holds_every_pixel_a_paste_can_change(settings: MaskConfig, index: int) -> None:
     affine = geometry.estimate_alignment(_landmark_sets()[index], 128)
     mask = crop_mask(128, settings)
     footprint = cv2.warpAffine(mask, cv2.invertAffineTransform(affine), (512, 512))  # HxW full frame
@@ -237,7 +236,7 @@ def test_mask_region_holds_every_pixel_a_paste_can_change(settings: MaskSettings
 def test_mask_region_follows_the_mask_not_the_crop_square() -> None:
     affine = geometry.estimate_alignment(_face_landmarks((256.0, 256.0), 300.0), 128)
     square = geometry.crop_region(affine, 128, (512, 512))
-    oval = geometry.mask_region(affine, crop_mask(128, MaskSettings()), (512, 512))
+    oval = geometry.mask_region(affine, crop_mask(128, MaskConfig()), (512, 512))
     assert (oval[2] - oval[0]) < 0.9 * (square[2] - square[0])  # an upright oval spans 85% of the width
     assert geometry.mask_region(affine, np.zeros((128, 128), np.float32), (512, 512)) == (0, 0, 0, 0)
     # a mask nonzero on the crop's border reaches one crop px (here ~2.3 canvas px) beyond the square
@@ -264,7 +263,7 @@ def test_paste_back_is_byte_identical_to_a_three_channel_warp_and_blend() -> Non
     for landmarks in _landmark_sets():
         affine = geometry.estimate_alignment(landmarks, 128)
         crop = 255 - geometry.warp_to_crop(_smooth_image(), affine, 128)
-        mask = crop_mask(128, MaskSettings())
+        mask = crop_mask(128, MaskConfig())
         x0, y0, x1, y1 = geometry.mask_region(affine, mask, image.shape[:2])
         to_roi = cv2.invertAffineTransform(affine)
         to_roi[:, 2] -= (x0, y0)
@@ -280,7 +279,7 @@ def test_paste_back_in_place_changes_and_returns_the_callers_canvas() -> None:
     image = _astronaut()
     crop, affine = _face_crop_of(image)
     swapped = 255 - crop
-    mask = crop_mask(128, MaskSettings())
+    mask = crop_mask(128, MaskConfig())
     copied = geometry.paste_back(image, swapped, affine, mask)
     target = image.copy()
     returned = geometry.paste_back(target, swapped, affine, mask, inplace=True)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -113,11 +115,44 @@ def test_dropped_condition_is_the_zero_face(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ (b), (c), (d) learning
 
 
+@dataclass(frozen=True)
+class OverfitRun:
+    """A 30-step run, with the base model parts it trained against and their tensors as loaded."""
+
+    result: T.TrainResult
+    parts: dict[str, torch.nn.Module]  # "unet", "text_encoder", "vae" (the UNet now holds the fusers)
+    loaded: dict[str, dict[str, torch.Tensor]]  # part -> parameter / buffer name -> copy at load time
+
+
 @pytest.fixture(scope="module")
-def overfit(workdir: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> T.TrainResult:
+def overfit_run(workdir: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> OverfitRun:
     out = tmp_path_factory.mktemp("overfit")
     values = {"overfit_one_batch": True, "lr": 1e-2, "gate_init": 0.5, "cond_drop": 0.0, "lam": 0.0}
-    return T.train(_config(workdir, out, max_steps=30, eval_every=0, save_every=1000, **values))
+    parts: dict[str, torch.nn.Module] = {}
+    loaded: dict[str, dict[str, torch.Tensor]] = {}
+    load_base = T._load_base
+
+    def recording_load_base(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        found = load_base(*args, **kwargs)
+        for name in ("unet", "text_encoder", "vae"):  # copied before the adapter is attached
+            parts[name] = found[name]
+            loaded[name] = {k: t.detach().clone() for k, t in _tensors(found[name]).items()}
+        return found
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(T, "_load_base", recording_load_base)
+        result = T.train(_config(workdir, out, max_steps=30, eval_every=0, save_every=1000, **values))
+    return OverfitRun(result, parts, loaded)
+
+
+def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``module`` by name."""
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+@pytest.fixture(scope="module")
+def overfit(overfit_run: OverfitRun) -> T.TrainResult:
+    return overfit_run.result
 
 
 def test_overfitting_one_batch_halves_the_loss(overfit: T.TrainResult) -> None:
@@ -153,10 +188,24 @@ def test_saved_adapter_loads_back_identical(overfit: T.TrainResult, tiny_kit: Pa
     assert meta["step"] == 30 and meta["lam"] == 0.0 and meta["overfit_one_batch"] is True
 
 
-def test_only_the_adapter_trains(overfit: T.TrainResult) -> None:
-    gates = [float(f.alpha.detach()) for f in overfit.adapter.fusers]
+def test_only_the_adapter_trains(overfit_run: OverfitRun) -> None:
+    adapter = overfit_run.result.adapter
+    gates = [float(f.alpha.detach()) for f in adapter.fusers]
     assert all(g != 0.5 for g in gates)  # the gates moved from gate_init
-    assert all(p.requires_grad for p in overfit.adapter.parameters())
+    assert all(p.requires_grad for p in adapter.parameters())
+    assert len(overfit_run.result.history) == 30  # 30 optimizer steps ran against the parts below
+    adapter_ids = {id(t) for t in adapter.parameters()}
+    assert set(overfit_run.parts) == {"unet", "text_encoder", "vae"}
+    for name, part in overfit_run.parts.items():
+        now = {k: t for k, t in _tensors(part).items() if id(t) not in adapter_ids}
+        before = overfit_run.loaded[name]
+        assert now.keys() == before.keys(), name  # nothing of the base model added, dropped or replaced
+        trainable = [k for k, t in part.named_parameters() if id(t) not in adapter_ids and t.requires_grad]
+        assert not trainable, f"{name}: trainable base parameters {trainable[:5]}"
+        changed = [k for k, t in now.items() if not torch.equal(t.detach().cpu(), before[k].cpu())]
+        assert not changed, f"{name}: base tensors changed by training {changed[:5]}"
+    in_unet = {id(t) for t in overfit_run.parts["unet"].parameters()} & adapter_ids
+    assert in_unet, "the adapter's fusers should sit in the UNet"  # so the exclusion above is not vacuous
 
 
 # ------------------------------------------------------------------------------ (e), (f), (g) runs

@@ -168,11 +168,9 @@ def resolve_model(config: TrainConfig, ref: str, *, folder: bool = False) -> str
             )
         return str(path)
     if config.kit:
-        kit = Path(os.path.expandvars(config.kit)).expanduser()
-        if not (kit / KIT_CATALOGUE).is_file():
-            from studio.models.tiny import make_tiny_kit
+        from studio.models import ensure_tiny_kit
 
-            make_tiny_kit(kit)
+        kit = ensure_tiny_kit(Path(os.path.expandvars(config.kit)).expanduser())
         entries = {e.name: e for e in read_catalogue_file(kit / KIT_CATALOGUE)}
         if ref in entries and entries[ref].source.local is not None:
             return str(kit / entries[ref].source.local)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -41,7 +42,9 @@ def setup_logging_and_config(
         force=True,
         handlers=[RichHandler(console=err_console, show_path=debug, show_time=False)],
     )
-    if not debug:  # third-party libraries' warnings are for developers; --debug shows them
+    if debug:
+        os.environ["STUDIO_DEBUG_LIBRARIES"] = "1"  # studio.compat.quiet_model_libraries lets them speak
+    else:  # third-party libraries' warnings are for developers; --debug shows them
         for name in ("diffusers", "transformers", "huggingface_hub", "peft"):
             logging.getLogger(name).setLevel(logging.ERROR)
     return load_config(profile, user_file=config_file, overrides=overrides or ())
@@ -65,12 +68,17 @@ def make_studio(
 
 
 def report(result: Any, setup_s: float) -> None:
+    """Print what a run did; a refine that changed nothing makes the command exit non-zero (7)."""
     for note in result.notes:
-        out.print(f"[bold yellow]note:[/] {escape(note)}")
+        out.print(f"[bold yellow]note:[/] {escape(note)}", soft_wrap=True)
     for status in result.statuses:
-        out.print(f"refine: {escape(status)}")
+        out.print(f"refine: {escape(status)}", soft_wrap=True)
     timings = {"setup": setup_s, **result.timings}
-    out.print("stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+    out.print("stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()), soft_wrap=True)
     for path in result.outputs:
-        out.print(f"wrote {path}")
-    out.print(f"config {result.config_file}")
+        out.print(f"wrote {path}", soft_wrap=True, highlight=False)
+    out.print(f"config {result.config_file}", soft_wrap=True, highlight=False)
+    for item in result.unchanged:
+        err_console.print(f"[bold red]error:[/] refine changed nothing: {escape(item)}", soft_wrap=True)
+    if result.unchanged:
+        raise typer.Exit(7)

@@ -150,7 +150,11 @@ def refine_command(
 
 @app.command()
 def reproduce(
-    image: Annotated[Path, typer.Argument(help="A PNG written by studio generate.")],
+    image: Annotated[Path, typer.Argument(help="A PNG written by studio generate or studio refine.")],
+    current_config: Annotated[
+        bool,
+        typer.Option("--current-config", help="Run under this profile/--set config, not the recipe's."),
+    ] = False,
     output_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: config).")] = None,
     profile: Profile = "default",
     config_file: ConfigFile = None,
@@ -158,11 +162,15 @@ def reproduce(
     debug: Debug = False,
     verbose: Verbose = False,
 ) -> None:
-    """Render an image again from the recipe stored in it; says whether the pixels are identical."""
+    """Render an image again from its recipe, under the recipe's config; says whether pixels are identical."""
     studio, setup_s = make_studio(profile, config_file, overrides, output_dir, debug, verbose)
-    result, identical = studio.reproduce(image)
-    report(result, setup_s)
-    out.print(f"identical to {image}: {'yes' if identical else 'NO'}")
+    again = studio.reproduce(image, use_current_config=current_config)
+    report(again.result, setup_s)
+    out.print(f"identical to {image}: {'yes' if again.identical else 'NO'}", soft_wrap=True)
+    for difference in again.differences:
+        out.print(f"differs: {escape(difference)}", soft_wrap=True)
+    if not again.identical:
+        raise typer.Exit(8)
 
 
 def _pairs(items: list[str], option: str, sep: str) -> dict[str, str]:
@@ -189,7 +197,7 @@ def main() -> None:
     """Console entry point: one clear line and a non-zero exit for user errors; --debug for tracebacks."""
     debug = "--debug" in sys.argv
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer returns the code of a typer.Exit here
     except StudioError as err:
         if debug:
             traceback.print_exc()
@@ -203,3 +211,4 @@ def main() -> None:
     except (KeyboardInterrupt, click.exceptions.Abort):
         err_console.print("interrupted: finished outputs are kept; nothing partial was written.")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

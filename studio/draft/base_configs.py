@@ -24,7 +24,7 @@ from typing import Literal, cast, get_args
 from studio.config import config_dir
 from studio.errors import ConfigError, ModelError
 from studio.files import tree_sha256, write_bytes_atomic, write_text_atomic
-from studio.models.tiny.diffusion import write_tokenizer
+from studio.models.tokenizer import write_tokenizer
 
 logger = logging.getLogger(__name__)
 

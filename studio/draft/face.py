@@ -25,7 +25,6 @@ from studio.adapter.ipadapter import (
 from studio.adapter.tokens import identity_condition
 from studio.adapter.weights import load_adapter
 from studio.config import StudioConfig
-from studio.models.cache import ModelCache
 from studio.types import FaceAdapterKind, Identity
 
 logger = logging.getLogger(__name__)
@@ -40,62 +39,62 @@ class FaceCondition:
     weights_sha256: str
     identity: Identity
     scale: float = 0.8
+    identity_sha256: str = ""  # the identity file's digest (recipes)
 
 
-@dataclass(frozen=True, eq=False)
-class PreparedFace:
-    """What rendering needs after ``prepare_face``: the attached FACT adapter, adapters to keep active."""
+@dataclass(eq=False)
+class FaceState:
+    """What is on one pipeline's UNet now (owned by its DraftPipeline, changed under its lock)."""
 
-    fact: FaceAdapter | None = None
-    keep_active: dict[str, float] = field(default_factory=dict)  # peft adapters beside the request's LoRAs
+    fact: FaceAdapter | None = None  # the FACT adapter whose fusers are attached
+    fact_loaded: dict[str, FaceAdapter] = field(default_factory=dict)  # by weights sha256
+    faceid: str | None = None  # weights sha256 of the attached IP-Adapter-FaceID
+    faceid_converted: dict[str, Path] = field(default_factory=dict)  # source sha256 -> safetensors
 
 
 def prepare_face(
-    pipe: Any, face: FaceCondition | None, family: str, config: StudioConfig, cache: ModelCache
-) -> PreparedFace:
-    """Put ``pipe`` in the state ``face`` needs (attach FACT, or load FaceID, or neither)."""
-    state: dict[str, Any] = cache.get(("face-state", id(pipe.unet)), dict)  # what is on this UNet now
+    pipe: Any, face: FaceCondition | None, family: str, state: FaceState, config: StudioConfig
+) -> dict[str, float]:
+    """Put ``pipe`` in the state ``face`` needs; returns peft adapters to keep active beside the LoRAs."""
     if face is None or face.kind == "fact":
         unload_faceid(pipe)  # a FaceID branch left from an earlier request would demand image embeds
-        state.pop("faceid", None)
+        state.faceid = None
     if face is None:
-        return PreparedFace()
+        return {}
     if face.kind == "fact":
-        key = ("fact-adapter", face.weights_sha256, id(pipe.unet))
-        adapter = cache.get(
-            key,
-            lambda: load_adapter(
+        if face.weights_sha256 not in state.fact_loaded:
+            state.fact_loaded[face.weights_sha256] = load_adapter(
                 face.weights,
                 base_family=family,
                 encoder_sha256=face.identity.recognizer_sha256,
                 unet=pipe.unet,
-            ),
-        )
-        if state.get("fact") is not adapter:
+            )
+        adapter = state.fact_loaded[face.weights_sha256]
+        if state.fact is not adapter:
             attach(adapter, pipe.unet)  # replaces any other FACT adapter's fusers
-            state["fact"] = adapter
-        return PreparedFace(fact=adapter)
-    converted = cache.get(  # hashing a 100 MB source on every request is wasted work: once per content
-        ("faceid-converted", face.weights_sha256),
-        lambda: ensure_converted(face.weights, config.models.dir / "converted"),
-    )
-    if faceid_loaded(pipe) and state.get("faceid") == face.weights_sha256:
+            state.fact = adapter
+        return {}
+    if face.weights_sha256 not in state.faceid_converted:  # hashing a 100 MB source once per content
+        state.faceid_converted[face.weights_sha256] = ensure_converted(
+            face.weights, config.models.dir / "converted"
+        )
+    if faceid_loaded(pipe) and state.faceid == face.weights_sha256:
         set_faceid_scale(pipe, face.scale)
     else:
-        load_faceid(pipe, converted, scale=face.scale)
-        state["faceid"] = face.weights_sha256
-    return PreparedFace(keep_active=faceid_adapter_weights(pipe))
+        load_faceid(pipe, state.faceid_converted[face.weights_sha256], scale=face.scale)
+        state.faceid = face.weights_sha256
+    return faceid_adapter_weights(pipe)
 
 
 def face_call_kwargs(
-    pipe: Any, face: FaceCondition | None, prepared: PreparedFace, *, batch: int, cfg: bool
+    pipe: Any, face: FaceCondition | None, state: FaceState, *, batch: int, cfg: bool
 ) -> dict[str, Any]:
     """The pipeline-call arguments that carry the identity for one batch of ``batch`` images."""
     if face is None:
         return {}
-    if prepared.fact is not None:
+    if face.kind == "fact" and state.fact is not None:
         tokens, embedding = identity_condition(face.identity)  # (1, T, C), (1, 512): the fuser repeats rows
-        context = prepared.fact.face_kwargs(tokens, embedding, scale=face.scale, cfg=cfg)
+        context = state.fact.face_kwargs(tokens, embedding, scale=face.scale, cfg=cfg)
         return {"cross_attention_kwargs": context}
     embeds = faceid_embeds(
         face.identity.embedding, batch=batch, cfg=cfg, dtype=pipe.unet.dtype, device=pipe.unet.device

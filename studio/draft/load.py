@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +21,17 @@ from diffusers import ControlNetModel, DiffusionPipeline
 from safetensors import safe_open
 
 from studio.config import PerformanceConfig, StudioConfig
-from studio.errors import InputError, ModelError
+from studio.errors import InputError
 from studio.models.cache import ModelCache
 from studio.models.catalogue import Catalogue, ModelEntry
+from studio.models.resolve import ResolvedModel, resolve
 from studio.models.runtime import choose_device, choose_dtype
-from studio.models.store import file_digest, require_verified
 from studio.models.weights import check_weights_file
 
 logger = logging.getLogger(__name__)
 
 Family = Literal["sd15", "sdxl"]
 Variant = Literal["txt2img", "img2img"]
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _SDXL_KEY = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
 _PIPELINES: dict[tuple[Family, Variant, bool], str] = {
     ("sd15", "txt2img", False): "StableDiffusionPipeline",
@@ -56,59 +54,55 @@ class BaseModel:
     source: Literal["single_file", "folder", "hub"]
     location: str  # a path, or a Hugging Face repo id
     config: str | None  # component configs for single files (a folder)
-    sha256: str  # of the checkpoint file; "" for folders and hub repos
+    sha256: str  # of the checkpoint file (folders: tree_sha256); "" for hub repos
+    model: ResolvedModel  # what the resolver found: catalogue entry, licence
 
 
 def resolve_base(ref: str, catalogue: Catalogue, config: StudioConfig) -> BaseModel:
-    """Turn a model reference into a BaseModel; a clear error names what was tried."""
-    entry = catalogue.get(ref)
-    if entry is not None and entry.kind in ("sd15", "sdxl"):
-        return _from_entry(entry, config)
-    path = Path(ref).expanduser()
-    if path.is_file():
-        check_weights_file(path, allow_pickle=config.models.allow_pickle)
-        family = _family(config, lambda: _single_file_family(path))
-        sha = file_digest(path, config.models.dir)
-        return BaseModel(ref, family, "single_file", str(path), _base_config(family, config), sha)
-    if (path / "model_index.json").is_file():
-        family = _family(config, lambda: _index_family(json.loads((path / "model_index.json").read_text())))
-        return BaseModel(ref, family, "folder", str(path), None, "")
-    if _HUB_ID.match(ref) and not path.exists():
-        family = _family(config, lambda: _index_family(DiffusionPipeline.load_config(ref)))
-        return BaseModel(ref, family, "hub", ref, None, "")
-    known = sorted(n for n, e in catalogue.items() if e.kind in ("sd15", "sdxl"))
-    raise ModelError(
-        f"Draft model {ref!r} is not a catalogue name, a model file, a diffusers folder or a repo id.",
-        fix=f"use one of {', '.join(known)}, a .safetensors path, a diffusers folder, or a repo id org/name.",
+    """Turn a model reference into a BaseModel (through the one resolver: checked, licence applied)."""
+    model = resolve(ref, "base", config, catalogue)
+    entry = model.entry
+    index = model.path / "model_index.json"
+    if (entry is not None and entry.format == "diffusers") or index.is_file():
+        family = _family(config, entry, lambda: _index_family(json.loads(index.read_text())))
+        return BaseModel(ref, family, "folder", model.location, None, model.sha256, model)
+    if model.sha256 == "":  # a Hugging Face repo id
+        family = _family(config, None, lambda: _index_family(DiffusionPipeline.load_config(ref)))
+        return BaseModel(ref, family, "hub", ref, None, "", model)
+    family = _family(config, entry, lambda: _single_file_family(model.path))
+    own = entry.config if entry and entry.config and Path(entry.config).is_dir() else None
+    return BaseModel(
+        ref, family, "single_file", model.location, own or _base_config(family, config), model.sha256, model
     )
 
 
-def load_pipeline(
-    base: BaseModel, variant: Variant, controlnet: ModelEntry | None, config: StudioConfig, cache: ModelCache
-) -> DiffusionPipeline:
-    """The pipeline for ``variant`` (with ``controlnet`` if given), sharing one loaded base."""
+def load_base(base: BaseModel, config: StudioConfig) -> Any:
+    """The txt2img pipeline of ``base`` on the configured device, quiet, with the performance options."""
     device = choose_device(config.runtime.device)
     dtype = choose_dtype(config.runtime, device)
-    base_key = ("draft-base", base.location, base.family, str(device), str(dtype))
-    pipe = cache.get(base_key, lambda: _load_base(base, config.performance, device, dtype))
-    if variant == "txt2img" and controlnet is None:
+    return _load_base(base, config.performance, device, dtype)
+
+
+def load_variant(
+    pipe: Any,
+    base: BaseModel,
+    variant: Variant,
+    control: ResolvedModel | None,
+    config: StudioConfig,
+    cache: ModelCache,
+) -> Any:
+    """The pipeline for ``variant`` (with ControlNet ``control``), sharing ``pipe``'s loaded modules."""
+    if variant == "txt2img" and control is None:
         return pipe
-    cls = getattr(diffusers, _PIPELINES[(base.family, variant, controlnet is not None)])
+    cls = getattr(diffusers, _PIPELINES[(base.family, variant, control is not None)])
     extra: dict[str, Any] = {}
-    if controlnet is not None:
-        key = ("controlnet", controlnet.name, str(device), str(dtype))
-        extra["controlnet"] = cache.get(key, lambda: _load_controlnet(controlnet, config, device, dtype))
-    variant_key = (*base_key, variant, controlnet.name if controlnet else None)
-    return cache.get(variant_key, lambda: cls.from_pipe(pipe, **extra))
-
-
-def _from_entry(entry: ModelEntry, config: StudioConfig) -> BaseModel:
-    path = require_verified(entry, config.models)
-    family: Family = entry.kind  # type: ignore[assignment]  # the catalogue says which family
-    if entry.format == "diffusers":
-        return BaseModel(entry.name, family, "folder", str(path), None, entry.sha256)
-    local = entry.config if entry.config and Path(entry.config).is_dir() else _base_config(family, config)
-    return BaseModel(entry.name, family, "single_file", str(path), local, entry.sha256)
+    if control is not None:
+        device, dtype = pipe.unet.device, pipe.unet.dtype
+        key = ("controlnet", control.sha256, str(device), str(dtype))
+        extra["controlnet"] = cache.get(key, lambda: _load_controlnet(control, device, dtype))
+    variant_pipe = cls.from_pipe(pipe, **extra)
+    variant_pipe.set_progress_bar_config(disable=True)  # progress goes to the request's callback
+    return variant_pipe
 
 
 def _base_config(family: Family, config: StudioConfig) -> str:
@@ -118,7 +112,9 @@ def _base_config(family: Family, config: StudioConfig) -> str:
     return str(ensure_base_config(family, config.models.dir / "base-configs"))
 
 
-def _family(config: StudioConfig, infer: Callable[[], Family]) -> Family:
+def _family(config: StudioConfig, entry: ModelEntry | None, infer: Callable[[], Family]) -> Family:
+    if entry is not None:
+        return entry.kind  # type: ignore[return-value]  # the catalogue says which family
     if config.draft.family != "auto":
         return config.draft.family
     family = infer()
@@ -127,7 +123,7 @@ def _family(config: StudioConfig, infer: Callable[[], Family]) -> Family:
 
 
 def _single_file_family(path: Path) -> Family:
-    if path.suffix.lower() != ".safetensors":
+    if check_weights_file(path, allow_pickle=True) != "safetensors":
         raise InputError(f"Cannot tell whether {path.name} is SD 1.5 or SDXL.", fix="set draft.family.")
     with safe_open(str(path), framework="pt") as handle:
         return "sdxl" if _SDXL_KEY in handle.keys() else "sd15"  # noqa: SIM118  (safe_open is not a dict)
@@ -159,18 +155,16 @@ def _load_base(base: BaseModel, perf: PerformanceConfig, device: torch.device, d
     return _apply_performance(pipe, perf, device)
 
 
-def _load_controlnet(
-    entry: ModelEntry, config: StudioConfig, device: torch.device, dtype: torch.dtype
-) -> Any:
-    path = require_verified(entry, config.models)
-    if entry.format == "diffusers":
-        model = ControlNetModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+def _load_controlnet(model: ResolvedModel, device: torch.device, dtype: torch.dtype) -> Any:
+    if (model.path / "config.json").is_file():
+        net = ControlNetModel.from_pretrained(model.path, torch_dtype=dtype, local_files_only=True)
     else:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        model = ControlNetModel.from_single_file(
-            str(path), config=entry.config, torch_dtype=dtype, local_files_only=offline
+        config = model.entry.config if model.entry else None
+        net = ControlNetModel.from_single_file(
+            str(model.path), config=config, torch_dtype=dtype, local_files_only=offline
         )
-    return model.to(device)
+    return net.to(device)
 
 
 def _on(toggle: str, auto: bool) -> bool:

@@ -15,17 +15,18 @@ from typing import Any
 import numpy as np
 
 from studio.adapter.tokens import FaceTokenEncoder
-from studio.config import FaceSelect, StudioConfig
-from studio.faces.detect import DetectSettings, detect_faces, embed_faces
+from studio.config import RefineConfig, StudioConfig
+from studio.errors import ModelError
+from studio.faces.detect import detect_faces, embed_faces
 from studio.faces.quality import FaceQA, SwapEmbeddings, assess
-from studio.faces.select import IdentitySpec, assign_faces
-from studio.faces.swap import RefineFaceSettings, cached_latent, refine_face
+from studio.faces.select import Cast, assign_faces
+from studio.faces.swap import cached_latent, refine_face
 from studio.faces.upscale import Upscaler, load_upscaler
 from studio.models.cache import ModelCache
-from studio.models.catalogue import Catalogue, ModelEntry
+from studio.models.catalogue import Catalogue
+from studio.models.resolve import ResolvedModel, resolve
 from studio.models.runtime import choose_device, load_insightface_model, onnx_providers
-from studio.models.store import require_verified
-from studio.types import Identity, ImageBGR
+from studio.types import Identity, ImageBGR, ModelKind
 
 logger = logging.getLogger(__name__)
 
@@ -41,31 +42,6 @@ class FaceModels:
     recognizer_sha256: str
 
 
-@dataclass(frozen=True)
-class RefineSettings:
-    """Detection, selection, per-face refinement and QA settings."""
-
-    detect: DetectSettings
-    face: RefineFaceSettings
-    select: FaceSelect = "all"
-    index: int = 0  # the face for select = "index"
-    min_similarity: float = 0.0
-
-    @classmethod
-    def from_config(
-        cls, config: StudioConfig, *, select: FaceSelect | None = None, index: int = 0
-    ) -> RefineSettings:
-        """The settings ``[refine]`` asks for, with the request's selection if given."""
-        refine = config.refine
-        return cls(
-            DetectSettings.from_config(refine),
-            RefineFaceSettings.from_config(refine),
-            select or refine.select,
-            index,
-            refine.min_similarity,
-        )
-
-
 @dataclass(frozen=True, eq=False)
 class RefineResult:
     """One refined picture and what happened to it."""
@@ -77,6 +53,11 @@ class RefineResult:
     qa: tuple[FaceQA, ...] = ()
     upscaled: tuple[bool, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)  # ms
+
+    @property
+    def changed(self) -> bool:
+        """True when faces were swapped (whether or not they passed QA)."""
+        return self.status in ("ok", "failed_qa")
 
     def to_recipe(self) -> dict[str, Any]:
         """The JSON-ready record stored in the output's recipe."""
@@ -90,63 +71,68 @@ class RefineResult:
         }
 
 
-def refine_entries(config: StudioConfig, catalogue: Catalogue) -> list[ModelEntry]:
-    """The catalogue entries a refine run uses (for licence checks before any work)."""
+def refine_models(config: StudioConfig, catalogue: Catalogue) -> dict[str, ResolvedModel]:
+    """The models a refine run uses, resolved (checked, licence applied) before any work."""
     refine = config.refine
-    entries = [
-        catalogue.entry(refine.detector, "detector"),
-        catalogue.entry(refine.recognizer, "recognizer"),
-        catalogue.entry(refine.swapper, "swapper"),
-    ]
+    roles: dict[str, tuple[str, ModelKind]] = {
+        "detector": (refine.detector, "detector"),
+        "recognizer": (refine.recognizer, "recognizer"),
+        "swapper": (refine.swapper, "swapper"),
+    }
     if refine.upscale != "off":
-        entries.append(catalogue.entry(refine.upscaler, "upscaler"))
-    return entries
+        roles["upscaler"] = (refine.upscaler, "upscaler")
+    return {role: resolve(ref, kind, config, catalogue) for role, (ref, kind) in roles.items()}
 
 
-def load_face_model(entry: ModelEntry, config: StudioConfig, cache: ModelCache) -> Any:
+def load_face_model(model: ResolvedModel, config: StudioConfig, cache: ModelCache) -> Any:
     """One insightface model (detector, recognizer or swapper), loaded once per process."""
     providers = onnx_providers(config.runtime.onnx_providers)
-    path = require_verified(entry, config.models)
-    key = ("insightface", entry.name, entry.sha256, tuple(providers))
-    return cache.get(key, lambda: load_insightface_model(path, providers))
+    key = ("insightface", model.sha256, tuple(providers))
+    return cache.get(key, lambda: load_insightface_model(model.path, providers))
 
 
-def load_token_encoder(entry: ModelEntry, config: StudioConfig, cache: ModelCache) -> FaceTokenEncoder:
+def load_token_encoder(model: ResolvedModel, config: StudioConfig, cache: ModelCache) -> FaceTokenEncoder:
     """The recognizer graph with its face-token output exposed (for enrolment), built once per process."""
     providers = onnx_providers(config.runtime.onnx_providers)
-    path = require_verified(entry, config.models)
-    key = ("face-tokens", entry.name, entry.sha256, tuple(providers))
-    return cache.get(key, lambda: FaceTokenEncoder(path, providers))
+    key = ("face-tokens", model.sha256, tuple(providers))
+    return cache.get(key, lambda: FaceTokenEncoder(model.path, providers))
 
 
-def load_face_models(config: StudioConfig, catalogue: Catalogue, cache: ModelCache) -> FaceModels:
-    """Load (once per process) the detector, recognizer, swapper and upscaler the config names."""
-    detector, recognizer, swapper, *upscale = refine_entries(config, catalogue)
+def load_face_models(
+    models: Mapping[str, ResolvedModel], config: StudioConfig, cache: ModelCache
+) -> FaceModels:
+    """Load (once per process) the detector, recognizer, swapper and upscaler of ``refine_models``."""
     upscaler = None
-    if upscale:
-        entry, device = upscale[0], choose_device(config.runtime.device)
-        path = require_verified(entry, config.models)
+    if "upscaler" in models:
+        model, device = models["upscaler"], choose_device(config.runtime.device)
+        if model.entry is None:
+            raise ModelError(
+                f"The upscaler {model.ref!r} is not catalogued; its architecture comes from the catalogue.",
+                fix="catalogue it in configs/models.toml (see realesrgan_x2plus) and name that entry.",
+            )
         upscaler = cache.get(
-            ("upscaler", entry.name, str(device)),
+            ("upscaler", model.sha256, str(device), config.refine.upscale_tile),
             lambda: load_upscaler(
-                entry, path, tile=config.refine.upscale_tile, device=device, half=device.type == "cuda"
+                model.entry,
+                model.path,
+                tile=config.refine.upscale_tile,
+                device=device,
+                half=device.type == "cuda",
             ),
         )
-    load = [load_face_model(entry, config, cache) for entry in (detector, recognizer, swapper)]
-    return FaceModels(*load, upscaler=upscaler, recognizer_sha256=recognizer.sha256)
+    loaded = [load_face_model(models[role], config, cache) for role in ("detector", "recognizer", "swapper")]
+    return FaceModels(*loaded, upscaler=upscaler, recognizer_sha256=models["recognizer"].sha256)
 
 
 def refine(
     image: ImageBGR,
-    spec: IdentitySpec,
+    cast: Cast,
     identities: Mapping[str, Identity],
     models: FaceModels,
-    settings: RefineSettings,
+    settings: RefineConfig,
     cache: ModelCache,
-    *,
-    reference: Identity | None = None,
 ) -> RefineResult:
-    """Swap the faces ``spec`` maps onto their identities; never onto a face the mapping cannot place."""
+    """Swap the faces ``cast`` maps onto their identities; never onto a face the mapping cannot place."""
     timings: dict[str, float] = {}
     # 1. detect, in a stable left-to-right order, and embed the original faces (selection and QA baseline)
     start = time.perf_counter()
@@ -154,8 +140,10 @@ def refine(
     before = embed_faces(image, faces, models.recognizer)  # (N, 512) L2-normed
     timings["detect"] = _ms(start)
     # 2. map identities onto faces; an image the mapping does not fit is left untouched
+    reference = identities[cast.match] if cast.match else None
     similarity = None if reference is None else (lambda i: float(before[i] @ reference.embedding))
-    assignment = assign_faces(faces, spec, settings.select, index=settings.index, similarity=similarity)
+    mode = cast.select or settings.select
+    assignment = assign_faces(faces, cast.spec, mode, index=cast.index, similarity=similarity)
     if assignment.status != "ok":
         return RefineResult(image, assignment.status, assignment.message, len(faces), timings=timings)
     # 3. swap (+ upscale) and blend each assigned face into one working canvas
@@ -169,7 +157,7 @@ def refine(
             faces[face_index],
             latent,
             models.swapper,
-            settings.face,
+            settings,
             upscaler=models.upscaler,
             inplace=True,
         )

@@ -9,21 +9,18 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, get_args
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
+from studio.config import MaskConfig
 from studio.errors import InputError
 from studio.geometry import paste_back
 from studio.types import Affine, ImageBGR, Mask
 
 logger = logging.getLogger(__name__)
 
-MaskShape = Literal["box", "ellipse"]
-MASK_SHAPES: tuple[MaskShape, ...] = get_args(MaskShape)
 
 MaskHook = Callable[[ImageBGR], Mask]  # aligned crop (HxWx3 uint8 BGR) -> HxW float32 [0, 1], e.g. occlusion
 
@@ -34,25 +31,8 @@ _STD_RATIO_RANGE = (0.25, 4.0)
 _MIN_WEIGHT = 1e-3  # total mask weight below which there is nothing to measure
 
 
-@dataclass(frozen=True)
-class MaskSettings:
-    """How the crop-space blend mask is shaped: fractions are of the crop's side."""
-
-    shape: MaskShape = "ellipse"
-    padding: float = 0.0  # trimmed from each side before feathering, 0 <= padding < 0.5
-    blur: float = 0.1  # feather width, 0 (hard edge, 1 px) to 0.5
-
-    def __post_init__(self) -> None:
-        if self.shape not in MASK_SHAPES:
-            raise InputError(f"Mask shape {self.shape!r} received.", fix=f"use one of {list(MASK_SHAPES)}.")
-        if not 0.0 <= self.padding < 0.5:
-            raise InputError(f"Mask padding {self.padding} received.", fix="use a fraction in [0, 0.5).")
-        if not 0.0 <= self.blur <= 0.5:
-            raise InputError(f"Mask blur {self.blur} received.", fix="use a fraction in [0, 0.5].")
-
-
 @functools.lru_cache(maxsize=32)
-def crop_mask(size: int, settings: MaskSettings) -> Mask:
+def crop_mask(size: int, settings: MaskConfig) -> Mask:
     """Feathered box or ellipse mask of a ``size``-px crop: 0 on its border, 1 at its centre (read-only)."""
     half = (size - 1) / 2.0 - settings.padding * size  # px from the centre to the padded edge
     if half < 3.0:
@@ -121,7 +101,7 @@ def blend_face(
     canvas: ImageBGR,
     swapped_crop: ImageBGR,
     affine: Affine,
-    settings: MaskSettings,
+    settings: MaskConfig,
     *,
     original_crop: ImageBGR | None = None,
     colour_match: bool = True,

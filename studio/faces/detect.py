@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from studio.adapter.tokens import FaceTokenEncoder, Tokens
-from studio.config import RefineConfig
+from studio.config import DetectConfig
 from studio.errors import InputError, ModelError
 from studio.geometry import estimate_alignment, warp_to_crop
 from studio.types import Face, ImageBGR
@@ -25,41 +24,9 @@ logger = logging.getLogger(__name__)
 
 ARCFACE_SIZE = 112  # px: ArcFace recognizers take 112x112 crops aligned to the arcface template
 EMBEDDING_SIZE = 512
-_SCRFD_STRIDE = 32  # SCRFD's coarsest feature stride: the input side must be a multiple of it
 _PREPARED_ATTR = "_studio_prepared"  # (det_size, threshold) the detector was last prepared with
 _MIN_NORM = 1e-6  # an embedding shorter than this carries no direction
 _SAME_MODEL_COSINE = 0.999  # token encoder and recognizer embeddings of one crop agree this well
-
-
-# --- settings ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DetectSettings:
-    """Which detections count as faces: score threshold, detector input side, smallest face side."""
-
-    threshold: float = 0.5  # detector score, 0 < threshold <= 1
-    det_size: int = 640  # px: the picture is letterboxed into a det_size x det_size square
-    min_face: int = 32  # px: faces whose mean box side is smaller are ignored
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.threshold <= 1.0:
-            raise InputError(
-                f"Detection threshold {self.threshold} received; expected a score in (0, 1].",
-                fix="set refine.det_threshold to e.g. 0.5.",
-            )
-        if self.det_size < _SCRFD_STRIDE or self.det_size % _SCRFD_STRIDE:
-            raise InputError(
-                f"Detection size {self.det_size} px received; SCRFD needs a positive multiple of 32.",
-                fix="set refine.det_size to a multiple of 32, e.g. 640.",
-            )
-        if self.min_face < 1:
-            raise InputError(f"Minimum face size {self.min_face} px received.", fix="use at least 1 px.")
-
-    @classmethod
-    def from_config(cls, config: RefineConfig) -> DetectSettings:
-        """Detection settings from the ``[refine]`` config section."""
-        return cls(threshold=config.det_threshold, det_size=config.det_size, min_face=config.min_face)
 
 
 # --- detection --------------------------------------------------------------------------------
@@ -71,7 +38,7 @@ def face_order_key(face: Face) -> tuple[float, float, float]:
     return (x1 + x2) / 2, (y1 + y2) / 2, -face.score
 
 
-def detect_faces(image: ImageBGR, detector: Any, settings: DetectSettings) -> tuple[Face, ...]:
+def detect_faces(image: ImageBGR, detector: Any, settings: DetectConfig) -> tuple[Face, ...]:
     """Faces in ``image`` at or above the threshold and minimum size, sorted left to right."""
     # 1. check inputs and prepare the detector once per size and threshold
     _check_image(image)
@@ -94,7 +61,7 @@ def detect_faces(image: ImageBGR, detector: Any, settings: DetectSettings) -> tu
     return tuple(sorted(kept, key=face_order_key))
 
 
-def _prepare_detector(detector: Any, settings: DetectSettings) -> None:
+def _prepare_detector(detector: Any, settings: DetectConfig) -> None:
     """Set the detector's input size and score floor, once per (det_size, threshold) on that object."""
     wanted = (settings.det_size, settings.threshold)
     if getattr(detector, _PREPARED_ATTR, None) == wanted:

@@ -24,10 +24,9 @@ import numpy as np
 import numpy.typing as npt
 
 from studio.adapter.tokens import FaceTokenEncoder
-from studio.config import RefineConfig
+from studio.config import DetectConfig, EnrolConfig, RefineConfig
 from studio.errors import IdentityError, ImageError
 from studio.faces.detect import (
-    DetectSettings,
     align_crops,
     crop_tokens,
     detect_faces,
@@ -47,41 +46,24 @@ from studio.types import Identity, ImageBGR
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
+NAME_MAX = 64
 NAME_RULE = (
-    "1 to 64 characters: letters, digits, '_', '.' or '-', starting with a letter or digit, "
-    "not containing '..' and not ending in '.safetensors'"
+    f"1 to {NAME_MAX} characters: letters, digits, '_', '.' or '-', starting with a letter or digit, "
+    "not ending in '.', not containing '..', not ending in '.safetensors', and not a device name "
+    "reserved on Windows (CON, PRN, AUX, NUL, COM1-COM9, LPT1-LPT9, also with an extension)"
 )
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_NAME_CHARS = re.compile(r"[A-Za-z0-9_.-]")
+# Windows opens these devices instead of files, whatever the extension ("nul.anna" is NUL): a library
+# folder copied or synced to Windows could neither hold nor read such a file.
+_WINDOWS_DEVICES = frozenset(
+    {"CON", "PRN", "AUX", "NUL", *(f"COM{d}" for d in "123456789"), *(f"LPT{d}" for d in "123456789")}
+)
 _FOREIGN_SUFFIXES = (".pkl", ".pickle", ".npy", ".npz", ".pt", ".pth", ".bin", ".json")
 _FOLDER_MODE = 0o700  # embeddings are biometric data: the library folder is private to its owner
 
 
 # --- records ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EnrolSettings:
-    """Quality gates for enrolment photos and the detector settings used to find their faces."""
-
-    min_face: int = 64  # px, mean box side
-    min_score: float = 0.6  # detector score
-    min_sharpness: float = 20.0  # variance of the Laplacian of the aligned 112-px grey crop
-    outlier: float = 0.25  # minimum cosine of a photo to the normalised mean of the other photos
-    det_threshold: float = 0.5
-    det_size: int = 640
-
-    @classmethod
-    def from_config(cls, config: RefineConfig) -> EnrolSettings:
-        """Enrolment settings from the ``[refine]`` config section."""
-        return cls(
-            min_face=config.enrol_min_face,
-            min_score=config.enrol_min_score,
-            min_sharpness=config.enrol_min_sharpness,
-            outlier=config.enrol_outlier,
-            det_threshold=config.det_threshold,
-            det_size=config.det_size,
-        )
 
 
 @dataclass(frozen=True)
@@ -107,15 +89,36 @@ class _Accepted:
 
 
 def validate_name(name: str) -> str:
-    """Return ``name`` if it is a valid identity name, else raise IdentityError stating the rule."""
-    if (
-        isinstance(name, str)
-        and _NAME.fullmatch(name)
-        and ".." not in name
-        and not name.lower().endswith(SUFFIX)
-    ):
+    """Return ``name`` if it is a valid identity name, else raise IdentityError saying why, with the rule."""
+    why = _name_problem(name)
+    if why is None:
         return name
-    raise IdentityError(f"Identity name {name!r} is not allowed.", fix=f"use a name of {NAME_RULE}.")
+    raise IdentityError(f"Identity name {name!r} is not allowed: {why}.", fix=f"use a name of {NAME_RULE}.")
+
+
+def _name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name an identity file on every platform, or None when it can."""
+    if not isinstance(name, str):
+        return f"it is a {type(name).__name__}, not text"
+    if not name:
+        return "it is empty"
+    if len(name) > NAME_MAX:
+        return f"it has {len(name)} characters"
+    if name.endswith((".", " ")):
+        return "it ends in a dot or a space, which Windows drops from file names"
+    device = name.split(".", 1)[0].upper()
+    if device in _WINDOWS_DEVICES:
+        return f"{device} is a device name reserved on Windows, with or without an extension"
+    bad = sorted({c for c in name if not _NAME_CHARS.fullmatch(c)})
+    if bad:
+        return f"it contains {', '.join(map(repr, bad))}"
+    if not name[0].isalnum():
+        return f"it starts with {name[0]!r}"
+    if ".." in name:
+        return "it contains '..'"
+    if name.lower().endswith(SUFFIX):
+        return f"it ends in {SUFFIX!r}"
+    return None
 
 
 # --- the library ------------------------------------------------------------------------------
@@ -140,7 +143,7 @@ class IdentityLibrary:
         detector: Any,
         recognizer: Any,
         recognizer_sha256: str,
-        settings: EnrolSettings,
+        settings: RefineConfig,  # its detect and enrol sections
         max_pixels: int,
         replace: bool = False,
         token_encoder: FaceTokenEncoder | None = None,
@@ -162,7 +165,7 @@ class IdentityLibrary:
         crops = [a.crop for a in accepted]
         embeddings = embed_crops(crops, recognizer)  # (K, 512) float32
         tokens = crop_tokens(crops, recognizer, embeddings, token_encoder)  # (K, T, C) float32 or None
-        outliers = _reject_outliers(embeddings, settings.outlier)  # row -> reason
+        outliers = _reject_outliers(embeddings, settings.enrol.outlier)  # row -> reason
         rejected += [(accepted[i].path, reason) for i, reason in sorted(outliers.items())]
         kept = [i for i in range(len(accepted)) if i not in outliers]
         if not kept:
@@ -301,10 +304,10 @@ def _checked_consent(consent: object) -> str:
 
 
 def _examine_photos(
-    photos: Sequence[Path], detector: Any, settings: EnrolSettings, max_pixels: int
+    photos: Sequence[Path], detector: Any, settings: RefineConfig, max_pixels: int
 ) -> tuple[list[_Accepted], list[tuple[Path, str]], list[str]]:
     """Run the per-photo gates: (accepted photos, (photo, reason) rejections, warnings)."""
-    detect = DetectSettings(threshold=settings.det_threshold, det_size=settings.det_size, min_face=1)
+    detect = replace(settings.detect, min_face=1)  # small faces get a reason, not silence
     accepted: list[_Accepted] = []
     rejected: list[tuple[Path, str]] = []
     warnings: list[str] = []
@@ -320,7 +323,7 @@ def _examine_photos(
             rejected.append((photo, f"same file as {seen[digest]}"))
             continue
         seen[digest] = photo
-        crop, reason, warning = _examine_face(image, detector, detect, settings)
+        crop, reason, warning = _examine_face(image, detector, detect, settings.enrol)
         if warning:
             warnings.append(f"{photo}: {warning}")
             logger.warning("%s: %s", photo, warning)
@@ -332,7 +335,7 @@ def _examine_photos(
 
 
 def _examine_face(
-    image: ImageBGR, detector: Any, detect: DetectSettings, settings: EnrolSettings
+    image: ImageBGR, detector: Any, detect: DetectConfig, settings: EnrolConfig
 ) -> tuple[ImageBGR | None, str | None, str | None]:
     """(aligned crop, rejection reason, warning) for one photo's face."""
     faces = detect_faces(image, detector, detect)
@@ -343,13 +346,15 @@ def _examine_face(
     if len(faces) > 1:
         warning = f"{len(faces)} faces found; using the largest ({face.size:.0f} px), expected exactly one"
     if face.size < settings.min_face:
-        return None, f"face too small: {face.size:.0f} px < enrol_min_face {settings.min_face} px", warning
+        reason = f"face too small: {face.size:.0f} px < refine.enrol.min_face {settings.min_face} px"
+        return None, reason, warning
     if face.score < settings.min_score:
-        return None, f"face score {face.score:.2f} < enrol_min_score {settings.min_score:g}", warning
+        return None, f"face score {face.score:.2f} < refine.enrol.min_score {settings.min_score:g}", warning
     crop = align_crops(image, [face])[0]  # 112x112x3 uint8 BGR
     sharpness = _sharpness(crop)
     if sharpness < settings.min_sharpness:
-        reason = f"too blurry: sharpness {sharpness:.1f} < enrol_min_sharpness {settings.min_sharpness:g}"
+        limit = f"refine.enrol.min_sharpness {settings.min_sharpness:g}"
+        reason = f"too blurry: sharpness {sharpness:.1f} < {limit}"
         return None, reason, warning
     return crop, None, warning
 
@@ -373,7 +378,8 @@ def _reject_outliers(embeddings: npt.NDArray[np.float32], threshold: float) -> d
     others /= np.maximum(np.linalg.norm(others, axis=1, keepdims=True), 1e-12)
     cosines = np.einsum("kd,kd->k", rows, others)  # (K,) cosine of each row to the others' mean
     return {
-        int(i): f"outlier: cosine {cosines[i]:.2f} to the other photos' mean < enrol_outlier {threshold:g} "
+        int(i): f"outlier: cosine {cosines[i]:.2f} to the other photos' mean "
+        f"< refine.enrol.outlier {threshold:g} "
         "(another person, or a poor photo)"
         for i in np.flatnonzero(cosines < threshold)
     }
@@ -384,7 +390,7 @@ def _nothing_left(name: str, rejected: Sequence[tuple[Path, str]]) -> IdentityEr
     reasons = "; ".join(f"{path}: {reason}" for path, reason in rejected)
     return IdentityError(
         f"No usable photo to enrol {name!r}: {reasons}.",
-        fix="use sharp, well-lit photos showing one face of at least refine.enrol_min_face px.",
+        fix="use sharp, well-lit photos showing one face of at least refine.enrol.min_face px.",
     )
 
 

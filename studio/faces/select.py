@@ -48,6 +48,43 @@ class IdentitySpec:
 
 
 @dataclass(frozen=True)
+class Cast:
+    """Who goes on which face: a parsed --identity, and how a single name picks its faces."""
+
+    spec: IdentitySpec
+    select: FaceSelect | None = None  # None: the config's refine.select
+    index: int = 0  # the face for select = "index"
+    match: str | None = None  # the reference identity for select = "similarity"
+
+    @classmethod
+    def parse(
+        cls, text: str, *, select: FaceSelect | None = None, index: int = 0, match: str | None = None
+    ) -> Cast:
+        """``anna`` or ``0=anna,1=kenji``, with the selection options of a single name."""
+        if select is not None and select not in FACE_SELECTS:
+            choices = ", ".join(FACE_SELECTS)
+            raise InputError(f"Face selection {select!r} received.", fix=f"use one of {choices}.")
+        if select == "similarity" and match is None:
+            raise InputError(_NO_REFERENCE, fix="pass --match NAME with --select similarity.")
+        return cls(parse_identity_spec(text), select, index, validate_name(match) if match else None)
+
+    @property
+    def text(self) -> str:
+        """The canonical --identity text: ``anna`` or ``0=anna,1=kenji``."""
+        return self.spec.name or ",".join(f"{i}={name}" for i, name in self.spec.slots)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every identity the cast needs (the swapped ones, then the similarity reference)."""
+        return tuple(dict.fromkeys((*self.spec.names, *((self.match,) if self.match else ()))))
+
+    @property
+    def label(self) -> str:
+        """A file-name-safe label: ``anna`` or ``0-anna+1-kenji``."""
+        return self.text.replace(",", "+").replace("=", "-")
+
+
+@dataclass(frozen=True)
 class Assignment:
     """The face index -> identity pairs for one picture, and a status line saying what happens."""
 

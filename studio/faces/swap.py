@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from studio.config import RefineConfig
+from studio.config import RefineConfig, Toggle
 from studio.errors import InputError, ModelError
-from studio.faces.blend import MaskHook, MaskSettings, blend_face
+from studio.faces.blend import MaskHook, blend_face
 from studio.geometry import estimate_alignment, rescale_affine, warp_to_crop
 from studio.models.cache import ModelCache
 from studio.types import Affine, Embedding, Face, ImageBGR
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-UpscaleMode = Literal["auto", "on", "off"]
 Latent = npt.NDArray[np.float32]  # (1, 512) float32, L2-normed: normed embedding @ emap, renormalised
 SwapBlob = npt.NDArray[np.float32]  # (1, 3, S, S) float32 RGB in [0, 1], NCHW
 
@@ -45,30 +44,6 @@ class Swapper(Protocol):
     input_names: list[str]  # from the session: [target image, source latent]
     output_names: list[str]
     input_size: tuple[int, int]  # (width, height) of the aligned crop, (128, 128) for inswapper_128
-
-
-@dataclass(frozen=True)
-class RefineFaceSettings:
-    """How one face is refined: blend mask, colour matching, crop upscaling and its tile size."""
-
-    mask: MaskSettings = field(default_factory=MaskSettings)
-    colour_match: bool = True
-    upscale: UpscaleMode = "auto"  # auto: when the face is larger on the canvas than the swapper's crop
-    tile: int = 0  # Real-ESRGAN tile size in px, 0 = the whole crop at once
-
-    def __post_init__(self) -> None:
-        if self.upscale not in ("auto", "on", "off"):
-            raise InputError(f"Upscale mode {self.upscale!r} received.", fix="use 'auto', 'on' or 'off'.")
-        if self.tile < 0:
-            raise InputError(f"Upscale tile {self.tile} received.", fix="use 0 (no tiling) or a size in px.")
-
-    @classmethod
-    def from_config(cls, config: RefineConfig) -> RefineFaceSettings:
-        """The settings a ``[refine]`` config section asks for."""
-        mask = MaskSettings(shape=config.mask, padding=config.mask_padding, blur=config.mask_blur)
-        return cls(
-            mask=mask, colour_match=config.colour_match, upscale=config.upscale, tile=config.upscale_tile
-        )
 
 
 @dataclass(frozen=True)
@@ -136,7 +111,7 @@ def refine_face(
     face: Face,
     latent: Latent,
     swapper: Swapper,
-    settings: RefineFaceSettings,
+    settings: RefineConfig,
     *,
     upscaler: Upscaler | None = None,
     hook: MaskHook | None = None,
@@ -176,7 +151,7 @@ def refine_face(
     return result, FaceStats(upscaled=upscaled, crop_size=int(crop.shape[0]), timings=timings)
 
 
-def _wants_upscale(mode: UpscaleMode, face: Face, crop_size: int, upscaler: Upscaler | None) -> bool:
+def _wants_upscale(mode: Toggle, face: Face, crop_size: int, upscaler: Upscaler | None) -> bool:
     """on: always (an upscaler is required); auto: when one is given and the face exceeds the crop."""
     if mode == "on" and upscaler is None:
         raise InputError(

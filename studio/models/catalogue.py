@@ -30,7 +30,7 @@ from types import MappingProxyType
 from typing import Any, Literal, get_args
 
 from studio.config import ModelsConfig, config_dir
-from studio.errors import ConfigError, LicenceError, ModelError
+from studio.errors import ConfigError, ModelError
 from studio.types import MODEL_KINDS, ModelKind
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,10 @@ class Catalogue(Mapping[str, ModelEntry]):
             )
         return entry
 
+    def by_sha256(self, sha256: str) -> ModelEntry | None:
+        """The entry whose file has this sha256 (a catalogued model given by path), or None."""
+        return next((e for e in self._entries.values() if e.sha256 == sha256), None)
+
 
 def load_catalogue(models: ModelsConfig) -> Catalogue:
     """Load every catalogue file the config names, plus the tiny kit's catalogue if configured."""
@@ -138,19 +142,6 @@ def read_catalogue_file(path: Path) -> list[ModelEntry]:
     return [_parse_entry(name, spec, path) for name, spec in table.items()]
 
 
-def ensure_allowed(entries: Iterable[ModelEntry], *, commercial: bool) -> None:
-    """Refuse non-commercial models when the config says outputs are for commercial use."""
-    if not commercial:
-        return
-    refused = sorted({f"{e.name} ({e.licence})" for e in entries if not e.commercial})
-    if refused:
-        raise LicenceError(
-            f"commercial = true, but these models' licences forbid commercial use: {', '.join(refused)}.",
-            fix="choose commercially licensed models in the config, or set commercial = false "
-            "for non-commercial work.",
-        )
-
-
 def _parse_entry(name: str, spec: Any, path: Path) -> ModelEntry:
     where = f"catalogue {path}, entry [{name}]"
     if not isinstance(spec, Mapping):
@@ -172,7 +163,7 @@ def _parse_entry(name: str, spec: Any, path: Path) -> ModelEntry:
     return ModelEntry(
         name=name,
         kind=spec["kind"],
-        filename=spec["filename"],
+        filename=_parse_filename(spec["filename"], where),
         source=_parse_source(spec["source"], path, where),
         sha256=spec["sha256"],
         size=spec["size"],
@@ -184,6 +175,17 @@ def _parse_entry(name: str, spec: Any, path: Path) -> ModelEntry:
         config=_parse_config_ref(spec.get("config"), path),
         io=MappingProxyType(dict(spec.get("io", {}))),
     )
+
+
+def _parse_filename(filename: Any, where: str) -> str:
+    """A bare file or folder name, so that joining it to a models folder stays inside that folder."""
+    unsafe = not isinstance(filename, str) or any(c in filename for c in "/\\:\0")
+    if unsafe or filename in ("", ".", "..") or Path(filename).is_absolute():
+        raise ConfigError(
+            f"In {where}: filename {filename!r} is not a plain file or folder name.",
+            fix='use a bare name such as "model.safetensors" (no "/", "\\" or ":"; not "." or "..").',
+        )
+    return filename
 
 
 def _parse_config_ref(ref: str | None, path: Path) -> str | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from studio.config import ModelsConfig
-from studio.errors import ChecksumError, DownloadError
+from studio.errors import ChecksumError, DownloadError, ModelError
 from studio.files import sha256_file
 from studio.models.catalogue import ModelEntry
 from studio.models.store import check, own_path
@@ -51,7 +51,7 @@ def pull(
 ) -> Path:
     """Download ``entry`` into the studio's model folder and verify it; returns the final path."""
     # 1. nothing to do when a verified copy exists
-    target = own_path(entry, models)
+    target = _destination(entry, models)
     if check(entry, models).status == "present":
         logger.info("%s already present", entry.name)
         return target
@@ -81,6 +81,20 @@ def pull(
     _verify_part(entry, part, url)
     os.replace(part, target)
     logger.info("pulled %s to %s", entry.name, target)
+    return target
+
+
+def _destination(entry: ModelEntry, models: ModelsConfig) -> Path:
+    """Where ``entry`` is pulled to; it must stay inside its models sub-folder (the catalogue checks too)."""
+    target = own_path(entry, models)
+    folder = Path(os.path.abspath(models.dir / entry.kind))  # lexical: a symlinked kind folder is fine
+    final = Path(os.path.abspath(target))  # "..", "/abs" and "" in the filename show up here
+    if final.parent != folder:
+        raise ModelError(
+            f"Model {entry.name!r}: filename {entry.filename!r} would be written to {final}, "
+            f"outside the models folder {folder}.",
+            fix="make the catalogue entry's filename a plain file name.",
+        )
     return target
 
 

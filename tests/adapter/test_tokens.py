@@ -15,9 +15,10 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import save_file
 
 from studio.adapter.tokens import FaceTokenEncoder, identity_condition
+from studio.config import DetectConfig, EnrolConfig, RefineConfig
 from studio.errors import IdentityError, InputError, ModelError
-from studio.faces.detect import DetectSettings, align_crops, detect_faces
-from studio.faces.identity import EnrolSettings, IdentityLibrary
+from studio.faces.detect import align_crops, detect_faces
+from studio.faces.identity import IdentityLibrary
 from studio.files import sha256_file
 from studio.imageio import read_image, write_image
 from studio.models.runtime import load_insightface_model
@@ -201,7 +202,7 @@ def _enrol(library: IdentityLibrary, models: tuple[Any, Any], photos: list[Path]
         detector=models[0],
         recognizer=models[1],
         recognizer_sha256=RECOGNIZER_SHA,
-        settings=EnrolSettings(outlier=-1.0),  # the tiny recognizer recognises nobody
+        settings=RefineConfig(enrol=EnrolConfig(outlier=-1.0)),  # the tiny recognizer recognises nobody
         max_pixels=40_000_000,
         **extra,
     )
@@ -216,7 +217,7 @@ def test_enrolment_stores_face_tokens_and_they_load_back(
     assert saved.face_tokens is not None and saved.face_tokens.shape == (3, 49, 32)
     np.testing.assert_array_equal(loaded.face_tokens, saved.face_tokens)
     image = read_image(photos[1])
-    crop = align_crops(image, detect_faces(image, models[0], DetectSettings()))[0]
+    crop = align_crops(image, detect_faces(image, models[0], DetectConfig()))[0]
     np.testing.assert_allclose(loaded.face_tokens[1], encoder.encode([crop])[0][0], atol=1e-5)
     tokens, embedding = identity_condition(loaded, photo=1)
     assert tokens.shape == (1, 49, 32) and np.array_equal(embedding[0], loaded.photo_embeddings[1])

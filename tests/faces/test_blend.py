@@ -8,8 +8,9 @@ import pytest
 import skimage.data
 
 from studio import geometry
-from studio.errors import InputError
-from studio.faces.blend import MaskSettings, blend_face, combine_masks, crop_mask, match_colour
+from studio.config import MaskConfig
+from studio.errors import ConfigError, InputError
+from studio.faces.blend import blend_face, combine_masks, crop_mask, match_colour
 
 # Eileen Collins' pupils, nose tip, mouth corners in skimage.data.astronaut(), (x, y) px; see test_geometry.
 ASTRONAUT_LANDMARKS = np.array(
@@ -43,8 +44,8 @@ def _lab_stats(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 @pytest.mark.parametrize("size", [112, 128, 256, 512])
-@pytest.mark.parametrize("settings", [MaskSettings(), MaskSettings("box"), MaskSettings("ellipse", 0.1, 0.3)])
-def test_crop_mask_is_zero_on_the_border_and_one_in_the_centre(size: int, settings: MaskSettings) -> None:
+@pytest.mark.parametrize("settings", [MaskConfig(), MaskConfig("box"), MaskConfig("ellipse", 0.1, 0.3)])
+def test_crop_mask_is_zero_on_the_border_and_one_in_the_centre(size: int, settings: MaskConfig) -> None:
     mask = crop_mask(size, settings)
     assert mask.shape == (size, size) and mask.dtype == np.float32
     assert mask.min() >= 0.0 and mask.max() <= 1.0
@@ -56,27 +57,27 @@ def test_crop_mask_is_zero_on_the_border_and_one_in_the_centre(size: int, settin
 
 @pytest.mark.parametrize("shape", ["box", "ellipse"])
 def test_crop_mask_feathers_monotonically(shape: str) -> None:
-    mask = crop_mask(128, MaskSettings(shape=shape, blur=0.2))  # type: ignore[arg-type]
+    mask = crop_mask(128, MaskConfig(shape=shape, blur=0.2))  # type: ignore[arg-type]
     for ray in (mask[64, :65], mask[:65, 64], np.diagonal(mask)[:65], mask[64, 127:62:-1]):
         assert (np.diff(ray) >= 0).all()
     assert ((mask > 0.05) & (mask < 0.95)).sum() > 1000  # a real feather, not a hard edge
 
 
 def test_crop_mask_shapes_padding_and_blur_differ() -> None:
-    ellipse, box = crop_mask(128, MaskSettings("ellipse")), crop_mask(128, MaskSettings("box"))
+    ellipse, box = crop_mask(128, MaskConfig("ellipse")), crop_mask(128, MaskConfig("box"))
     assert box[20, 20] == 1.0 and ellipse[20, 20] == 0.0  # the ellipse leaves the corners out
     assert np.abs(box - ellipse).mean() > 0.1
     assert ellipse[64, 5] == 0.0 and ellipse[5, 64] > 0.0  # the oval is narrower than tall
-    padded = crop_mask(128, MaskSettings("box", padding=0.2))
+    padded = crop_mask(128, MaskConfig("box", padding=0.2))
     assert not padded[:, :26].any() and not padded[:26].any() and padded[64, 64] == 1.0
-    hard, soft = crop_mask(128, MaskSettings("box", blur=0.0)), crop_mask(128, MaskSettings("box", blur=0.3))
+    hard, soft = crop_mask(128, MaskConfig("box", blur=0.0)), crop_mask(128, MaskConfig("box", blur=0.3))
     assert hard[1:-1, 1:-1].min() == 1.0 and soft[1:-1, 1:-1].mean() < 0.85
 
 
 def test_crop_mask_is_cached_and_read_only() -> None:
-    first = crop_mask(128, MaskSettings())
-    assert crop_mask(128, MaskSettings(shape="ellipse", padding=0.0, blur=0.1)) is first
-    assert crop_mask(256, MaskSettings()) is not first
+    first = crop_mask(128, MaskConfig())
+    assert crop_mask(128, MaskConfig(shape="ellipse", padding=0.0, blur=0.1)) is first
+    assert crop_mask(256, MaskConfig()) is not first
     with pytest.raises(ValueError, match="read-only"):
         first[64, 64] = 0.0
 
@@ -85,20 +86,20 @@ def test_crop_mask_is_cached_and_read_only() -> None:
     "kwargs", [{"shape": "circle"}, {"padding": 0.5}, {"padding": -0.1}, {"blur": 0.6}, {"blur": -0.01}]
 )
 def test_mask_settings_are_validated(kwargs: dict[str, object]) -> None:
-    with pytest.raises(InputError):
-        MaskSettings(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=f"refine.mask.{next(iter(kwargs))} has value"):
+        MaskConfig(**kwargs)  # type: ignore[arg-type]
 
 
 def test_crop_mask_rejects_a_crop_with_no_face_area() -> None:
     with pytest.raises(InputError):
-        crop_mask(16, MaskSettings(padding=0.45))
+        crop_mask(16, MaskConfig(padding=0.45))
 
 
 # combine_masks
 
 
 def test_combine_masks_multiplies_resizes_and_leaves_inputs_alone() -> None:
-    base = crop_mask(128, MaskSettings("box"))
+    base = crop_mask(128, MaskConfig("box"))
     half = np.zeros((128, 128), np.float32)
     half[:, 64:] = 0.5
     combined = combine_masks(base, half)
@@ -125,7 +126,7 @@ def _shifted(image: np.ndarray, shift: tuple[float, float, float], scale: float)
 def test_match_colour_brings_source_to_target_statistics() -> None:
     target, _ = _face_crop(_astronaut())
     source = _shifted(target, (-12.0, 9.0, -7.0), 0.7)
-    mask = crop_mask(128, MaskSettings())
+    mask = crop_mask(128, MaskConfig())
     before_mean, before_std = _lab_stats(source, mask)
     target_mean, target_std = _lab_stats(target, mask)
     assert np.abs(before_mean - target_mean).max() > 6 and np.abs(before_std - target_std).max() > 3
@@ -163,7 +164,7 @@ def test_match_colour_is_within_a_level_of_a_float64_transfer(
 ) -> None:
     target, _ = _face_crop(_astronaut())
     source = _shifted(target, shift, scale)
-    for mask in (crop_mask(128, MaskSettings()), crop_mask(128, MaskSettings("box", 0.1, 0.3))):
+    for mask in (crop_mask(128, MaskConfig()), crop_mask(128, MaskConfig("box", 0.1, 0.3))):
         matched = match_colour(source, target, mask)
         assert np.abs(matched.astype(np.int16) - _reinhard_float64(source, target, mask)).max() <= 1
 
@@ -201,9 +202,9 @@ def test_match_colour_rejects_mismatched_sizes() -> None:
 def test_blend_face_with_an_unchanged_face_changes_almost_nothing() -> None:
     image = _smooth_image()
     crop, affine = _face_crop(image)
-    blended = blend_face(image, crop, affine, MaskSettings(), original_crop=crop)
+    blended = blend_face(image, crop, affine, MaskConfig(), original_crop=crop)
     assert np.abs(blended.astype(np.int16) - image).max() <= 2
-    plain = geometry.paste_back(image, crop, affine, crop_mask(128, MaskSettings()))
+    plain = geometry.paste_back(image, crop, affine, crop_mask(128, MaskConfig()))
     assert np.abs(blended.astype(np.int16) - plain).max() <= 1  # identity colour match is a no-op
 
 
@@ -216,10 +217,10 @@ def test_blend_face_colour_matches_a_tinted_swap() -> None:
     def roi_error(result: np.ndarray) -> float:
         return float(np.abs(result[y0:y1, x0:x1].astype(np.int16) - image[y0:y1, x0:x1]).mean())
 
-    raw = blend_face(image, tinted, affine, MaskSettings(), original_crop=crop, colour_match=False)
-    matched = blend_face(image, tinted, affine, MaskSettings(), original_crop=crop)
+    raw = blend_face(image, tinted, affine, MaskConfig(), original_crop=crop, colour_match=False)
+    matched = blend_face(image, tinted, affine, MaskConfig(), original_crop=crop)
     assert roi_error(raw) > 5.0 and roi_error(matched) < 2.5
-    assert np.array_equal(blend_face(image, tinted, affine, MaskSettings()), raw)  # no reference, no match
+    assert np.array_equal(blend_face(image, tinted, affine, MaskConfig()), raw)  # no reference, no match
 
 
 def test_blend_face_hook_sees_the_target_and_can_veto_the_paste() -> None:
@@ -232,7 +233,7 @@ def test_blend_face_hook_sees_the_target_and_can_veto_the_paste() -> None:
         return np.zeros(aligned.shape[:2], np.float32)  # the whole face is hidden
 
     swapped = np.full_like(crop, 255)
-    blended = blend_face(image, swapped, affine, MaskSettings(), original_crop=crop, hook=occluded)
+    blended = blend_face(image, swapped, affine, MaskConfig(), original_crop=crop, hook=occluded)
     np.testing.assert_array_equal(blended, image)
     assert len(seen) == 1 and np.array_equal(seen[0], crop)
 
@@ -242,7 +243,7 @@ def test_blend_face_pastes_an_upscaled_crop() -> None:
     crop, affine = _face_crop(image)
     upscaled = cv2.resize(crop, (512, 512), interpolation=cv2.INTER_CUBIC)
     blended = blend_face(
-        image, upscaled, geometry.rescale_affine(affine, 4), MaskSettings(), original_crop=crop
+        image, upscaled, geometry.rescale_affine(affine, 4), MaskConfig(), original_crop=crop
     )
     assert np.abs(blended.astype(np.int16) - image).max() <= 3
     region = geometry.crop_region(geometry.rescale_affine(affine, 4), 512, image.shape[:2])
@@ -253,9 +254,9 @@ def test_blend_face_in_place_changes_and_returns_the_callers_canvas() -> None:
     image = _astronaut()
     crop, affine = _face_crop(image)
     tinted = _shifted(crop, (8.0, -10.0, 15.0), 1.0)
-    copied = blend_face(image, tinted, affine, MaskSettings(), original_crop=crop)
+    copied = blend_face(image, tinted, affine, MaskConfig(), original_crop=crop)
     target = image.copy()
-    returned = blend_face(target, tinted, affine, MaskSettings(), original_crop=crop, inplace=True)
+    returned = blend_face(target, tinted, affine, MaskConfig(), original_crop=crop, inplace=True)
     assert returned is target and copied is not image
     np.testing.assert_array_equal(returned, copied)
     assert not np.array_equal(copied, image)
@@ -265,4 +266,4 @@ def test_blend_face_rejects_a_non_square_crop() -> None:
     image = _smooth_image()
     crop, affine = _face_crop(image)
     with pytest.raises(InputError):
-        blend_face(image, crop[:, :100], affine, MaskSettings())
+        blend_face(image, crop[:, :100], affine, MaskConfig())

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import skimage.data
 
-from studio.config import RefineConfig
-from studio.errors import InputError, ModelError
-from studio.faces.detect import DetectSettings, align_crops, detect_faces, embed_crops, embed_faces
+from studio.config import DetectConfig, RefineConfig
+from studio.errors import ConfigError, InputError, ModelError
+from studio.faces.detect import align_crops, detect_faces, embed_crops, embed_faces
 from studio.models.runtime import load_insightface_model
 from studio.models.tiny.faces import FIXTURE_FACE_BOX, FIXTURE_FACE_KPS
 from studio.types import Face
@@ -70,7 +70,7 @@ class FakeDetector:
 
 def test_finds_the_fixture_face_within_3px(detector: Any) -> None:
     image = _photo(300, 200)  # not square: exercises insightface's letterbox
-    faces = detect_faces(image, detector, DetectSettings())
+    faces = detect_faces(image, detector, DetectConfig())
     assert len(faces) == 1
     face = faces[0]
     expected = np.array(FIXTURE_FACE_BOX) * [300, 200, 300, 200]
@@ -81,33 +81,33 @@ def test_finds_the_fixture_face_within_3px(detector: Any) -> None:
 
 
 def test_uniform_image_has_no_face(detector: Any) -> None:
-    assert detect_faces(np.full((200, 240, 3), 128, np.uint8), detector, DetectSettings()) == ()
+    assert detect_faces(np.full((200, 240, 3), 128, np.uint8), detector, DetectConfig()) == ()
 
 
 def test_min_face_excludes_the_fixture_face(detector: Any) -> None:
     image = _photo(256, 256)  # fixture face side: (0.4 * 256 + 0.5 * 256) / 2 = 115.2 px
-    assert len(detect_faces(image, detector, DetectSettings(min_face=115))) == 1
-    assert detect_faces(image, detector, DetectSettings(min_face=116)) == ()
+    assert len(detect_faces(image, detector, DetectConfig(min_face=115))) == 1
+    assert detect_faces(image, detector, DetectConfig(min_face=116)) == ()
 
 
 def test_threshold_excludes_a_low_score_face(detector: Any) -> None:
     image = _faint_noise(2.9)  # score = sigmoid(400 * (2.9 / 128 - 0.02)) ~ 0.74
-    low = detect_faces(image, detector, DetectSettings(threshold=0.5))
+    low = detect_faces(image, detector, DetectConfig(threshold=0.5))
     assert len(low) == 1 and 0.5 < low[0].score < 0.95
-    assert detect_faces(image, detector, DetectSettings(threshold=0.95)) == ()
+    assert detect_faces(image, detector, DetectConfig(threshold=0.95)) == ()
 
 
-def test_settings_validate_and_come_from_config() -> None:
-    config = RefineConfig(det_threshold=0.4, det_size=320, min_face=20)
-    assert DetectSettings.from_config(config) == DetectSettings(threshold=0.4, det_size=320, min_face=20)
+def test_detect_settings_are_validated_as_config() -> None:
+    config = RefineConfig(detect=DetectConfig(threshold=0.4, det_size=320, min_face=20))
+    assert config.detect == DetectConfig(threshold=0.4, det_size=320, min_face=20)
     for bad in ({"det_size": 200}, {"threshold": 0.0}, {"threshold": 1.5}, {"min_face": 0}):
-        with pytest.raises(InputError):
-            DetectSettings(**bad)
+        with pytest.raises(ConfigError, match=f"refine.detect.{next(iter(bad))} has value"):
+            DetectConfig(**bad)
 
 
 def test_rejects_a_non_image(detector: Any) -> None:
     with pytest.raises(InputError, match="HxWx3 uint8"):
-        detect_faces(np.zeros((64, 64), np.uint8), detector, DetectSettings())
+        detect_faces(np.zeros((64, 64), np.uint8), detector, DetectConfig())
 
 
 # --- stable order and filtering (fake detector) -----------------------------------------------
@@ -126,29 +126,29 @@ def test_order_is_left_to_right_then_top_to_bottom_then_score() -> None:
     image = np.zeros((400, 500, 3), np.uint8)
     for seed in range(5):
         shuffled = [boxes[i] for i in np.random.default_rng(seed).permutation(len(boxes))]
-        faces = detect_faces(image, FakeDetector(shuffled), DetectSettings(min_face=10))
+        faces = detect_faces(image, FakeDetector(shuffled), DetectConfig(min_face=10))
         assert [(f.box[0], f.box[1], round(f.score, 2)) for f in faces] == expected
 
 
 def test_fake_boxes_are_filtered_by_score_and_size() -> None:
     boxes = [(0, 0, 100, 100, 0.3), (200, 0, 220, 20, 0.9), (300, 0, 400, 100, 0.9)]
-    faces = detect_faces(np.zeros((200, 500, 3), np.uint8), FakeDetector(boxes), DetectSettings(min_face=32))
+    faces = detect_faces(np.zeros((200, 500, 3), np.uint8), FakeDetector(boxes), DetectConfig(min_face=32))
     assert [f.box[0] for f in faces] == [300]
 
 
 def test_detector_prepared_once_per_settings_without_forcing_cpu() -> None:
     fake, image = FakeDetector([(0, 0, 64, 64, 0.9)]), np.zeros((64, 64, 3), np.uint8)
-    detect_faces(image, fake, DetectSettings())
-    detect_faces(image, fake, DetectSettings())
+    detect_faces(image, fake, DetectConfig())
+    detect_faces(image, fake, DetectConfig())
     assert fake.prepared == [{"ctx_id": 0, "input_size": (640, 640), "det_thresh": 0.5}]
-    detect_faces(image, fake, DetectSettings(det_size=320))
+    detect_faces(image, fake, DetectConfig(det_size=320))
     assert len(fake.prepared) == 2 and fake.prepared[1]["input_size"] == (320, 320)
 
 
 def test_detector_without_landmarks_is_a_model_error() -> None:
     fake = FakeDetector([(0, 0, 64, 64, 0.9)], with_kps=False)
     with pytest.raises(ModelError, match="landmarks"):
-        detect_faces(np.zeros((64, 64, 3), np.uint8), fake, DetectSettings())
+        detect_faces(np.zeros((64, 64, 3), np.uint8), fake, DetectConfig())
 
 
 # --- embeddings -------------------------------------------------------------------------------
@@ -158,8 +158,8 @@ def test_embeddings_are_normed_deterministic_and_differ_between_pictures(
     detector: Any, recognizer: Any
 ) -> None:
     astronaut, coffee = _photo(256, 256), _photo(256, 256, "coffee")
-    faces_a = detect_faces(astronaut, detector, DetectSettings())
-    faces_c = detect_faces(coffee, detector, DetectSettings())
+    faces_a = detect_faces(astronaut, detector, DetectConfig())
+    faces_c = detect_faces(coffee, detector, DetectConfig())
     first = embed_faces(astronaut, faces_a, recognizer)
     assert first.shape == (1, 512) and first.dtype == np.float32
     assert np.linalg.norm(first, axis=1) == pytest.approx([1.0], abs=1e-5)
@@ -170,7 +170,7 @@ def test_embeddings_are_normed_deterministic_and_differ_between_pictures(
 
 def test_batched_embeddings_match_one_by_one(detector: Any, recognizer: Any) -> None:
     images = [_photo(256, 256, which) for which in ("astronaut", "chelsea", "coffee")]
-    crops = [align_crops(img, detect_faces(img, detector, DetectSettings()))[0] for img in images]
+    crops = [align_crops(img, detect_faces(img, detector, DetectConfig()))[0] for img in images]
     assert all(c.shape == (112, 112, 3) and c.dtype == np.uint8 for c in crops)
     batch = embed_crops(crops, recognizer)
     single = np.concatenate([embed_crops([c], recognizer) for c in crops])

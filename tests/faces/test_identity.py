@@ -18,10 +18,10 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from studio import files
-from studio.config import RefineConfig
-from studio.errors import IdentityError, InputError
-from studio.faces.detect import DetectSettings, detect_faces, embed_faces
-from studio.faces.identity import EnrolReport, EnrolSettings, IdentityLibrary, validate_name
+from studio.config import DetectConfig, EnrolConfig, RefineConfig
+from studio.errors import IdentityError, InputError, OutputError
+from studio.faces.detect import detect_faces, embed_faces
+from studio.faces.identity import EnrolReport, IdentityLibrary, validate_name
 from studio.files import sha256_file
 from studio.imageio import read_image, write_image
 from studio.models.runtime import load_insightface_model
@@ -29,7 +29,7 @@ from studio.models.runtime import load_insightface_model
 CPU = ["CPUExecutionProvider"]
 MAX_PIXELS = 40_000_000
 RECOGNIZER_SHA = "ab" * 32
-KEEP_ALL = EnrolSettings(outlier=-1.0)  # the tiny recognizer recognises nobody: no outlier gate
+KEEP_ALL = RefineConfig(enrol=EnrolConfig(outlier=-1.0))  # the tiny recognizer recognises nobody
 
 
 # --- fixtures and helpers ---------------------------------------------------------------------
@@ -64,7 +64,7 @@ def _enrol(
     *,
     name: str = "anna",
     consent: Any = "model release #1",
-    settings: EnrolSettings = KEEP_ALL,
+    settings: RefineConfig = KEEP_ALL,
     detector: Any = None,
     recognizer: Any = None,
     replace: bool = False,
@@ -170,7 +170,7 @@ def test_enrol_saves_a_file_that_loads_back_equal(tmp_path: Path, models: Any, p
     # the rows are the photos' own embeddings, the identity their renormalised mean
     detector, recognizer = models
     image = read_image(chosen[1])
-    expected = embed_faces(image, detect_faces(image, detector, DetectSettings()), recognizer)[0]
+    expected = embed_faces(image, detect_faces(image, detector, DetectConfig()), recognizer)[0]
     np.testing.assert_allclose(loaded.photo_embeddings[1], expected, atol=1e-5)
     mean = loaded.photo_embeddings.mean(axis=0)
     np.testing.assert_allclose(loaded.embedding, mean / np.linalg.norm(mean), atol=1e-6)
@@ -182,7 +182,7 @@ def test_enrol_saves_a_file_that_loads_back_equal(tmp_path: Path, models: Any, p
 def test_rejections_say_why(tmp_path: Path, models: Any, photos: Any) -> None:
     library = IdentityLibrary(tmp_path)
     chosen = [photos["uniform"], photos["astronaut"], photos["blurred"], photos["astronaut"]]
-    report = _enrol(library, models, chosen, settings=EnrolSettings())
+    report = _enrol(library, models, chosen, settings=RefineConfig())
     assert report.used == (photos["astronaut"],)
     reasons = dict(report.rejected)
     assert reasons[photos["uniform"]].startswith("no face found")
@@ -193,11 +193,11 @@ def test_rejections_say_why(tmp_path: Path, models: Any, photos: Any) -> None:
 
 def test_small_faces_rejected_and_error_lists_every_reason(tmp_path: Path, models: Any, photos: Any) -> None:
     library = IdentityLibrary(tmp_path)
-    settings = EnrolSettings(min_face=200, outlier=-1.0)  # the fixture face is 115 px on 256x256
+    settings = RefineConfig(enrol=EnrolConfig(min_face=200, outlier=-1.0))  # the fixture face: 115 px
     with pytest.raises(IdentityError) as caught:
         _enrol(library, models, [photos["astronaut"], photos["uniform"]], settings=settings)
     message = str(caught.value)
-    assert "astronaut.png: face too small: 115 px < enrol_min_face 200 px" in message
+    assert "astronaut.png: face too small: 115 px < refine.enrol.min_face 200 px" in message
     assert "uniform.png: no face found" in message
     assert not (tmp_path / "anna.safetensors").exists()
 
@@ -205,13 +205,16 @@ def test_small_faces_rejected_and_error_lists_every_reason(tmp_path: Path, model
 def test_sharpness_gate_applies_to_sharp_photos_too(tmp_path: Path, models: Any, photos: Any) -> None:
     with pytest.raises(IdentityError, match="too blurry"):
         _enrol(
-            IdentityLibrary(tmp_path), models, [photos["chelsea"]], settings=EnrolSettings(min_sharpness=9000)
+            IdentityLibrary(tmp_path),
+            models,
+            [photos["chelsea"]],
+            settings=RefineConfig(enrol=EnrolConfig(min_sharpness=9000)),
         )
 
 
 def test_low_score_rejected(tmp_path: Path, models: Any, photos: Any) -> None:
     detector = ScaledScores(models[0], 0.55)
-    with pytest.raises(IdentityError, match=r"face score 0\.55 < enrol_min_score 0\.6"):
+    with pytest.raises(IdentityError, match=r"face score 0\.55 < refine\.enrol\.min_score 0\.6"):
         _enrol(IdentityLibrary(tmp_path), models, [photos["coffee"]], detector=detector)
 
 
@@ -230,7 +233,7 @@ def test_outlier_photo_dropped(tmp_path: Path, models: Any, photos: Any) -> None
     rows = _unit(rng, (4, 512)) * 0.5 + person  # three photos of one person ...
     rows[2] = _unit(rng, (512,))  # ... and somebody else
     chosen = [photos["astronaut"], photos["chelsea"], photos["coffee"], photos["blurred"]]
-    settings = EnrolSettings(min_sharpness=0.0)  # outlier 0.25, the default
+    settings = RefineConfig(enrol=EnrolConfig(min_sharpness=0.0))  # outlier 0.25, the default
     report = _enrol(
         IdentityLibrary(tmp_path), models, chosen, recognizer=FixedEmbeddings(rows), settings=settings
     )
@@ -250,7 +253,7 @@ def test_three_different_people_are_not_averaged(tmp_path: Path, models: Any, ph
             models,
             chosen,
             recognizer=FixedEmbeddings(rows),
-            settings=EnrolSettings(),
+            settings=RefineConfig(),
         )
     two = _enrol(IdentityLibrary(tmp_path), models, chosen[:2], recognizer=FixedEmbeddings(rows[:2]))
     assert len(two.used) == 2  # with 2 photos there is no majority to judge by
@@ -270,18 +273,6 @@ def test_consent_and_existing_names(tmp_path: Path, models: Any, photos: Any) ->
         _enrol(library, models, [photos["chelsea"]], name="Anna")
 
 
-def test_settings_from_config() -> None:
-    config = RefineConfig(enrol_min_face=80, enrol_min_score=0.7, enrol_min_sharpness=5.0, enrol_outlier=0.3)
-    settings = EnrolSettings.from_config(config)
-    assert (settings.min_face, settings.min_score, settings.min_sharpness, settings.outlier) == (
-        80,
-        0.7,
-        5.0,
-        0.3,
-    )
-    assert (settings.det_threshold, settings.det_size) == (config.det_threshold, config.det_size)
-
-
 # --- names ------------------------------------------------------------------------------------
 
 
@@ -299,6 +290,58 @@ def test_bad_names_refused_with_the_rule(tmp_path: Path, name: str) -> None:
 def test_good_names_accepted() -> None:
     for name in ("anna", "Kenji_2", "a.b-c", "0", "x" * 64):
         assert validate_name(name) == name
+
+
+WINDOWS_DEVICES = [
+    "CON",
+    "PRN",
+    "AUX",
+    "NUL",
+    *(f"COM{d}" for d in range(1, 10)),
+    *(f"LPT{d}" for d in range(1, 10)),
+]
+
+
+def _one_line_refusal(name: str, why: str, tmp_path: Path) -> None:
+    """``name`` is refused by every library entry with one line: the name received, why, the fix."""
+    library = IdentityLibrary(tmp_path)
+    for call in (validate_name, library.path_for, library.get, library.remove, library.revoke):
+        with pytest.raises(IdentityError) as caught:
+            call(name)
+        message = str(caught.value)
+        assert "\n" not in message, message
+        assert message.startswith(f"Identity name {name!r} is not allowed: "), message
+        assert why in message and "Fix: use a name of" in message and "letters, digits" in message, message
+    assert not any(tmp_path.iterdir())  # nothing was created for a refused name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        *WINDOWS_DEVICES,
+        *(d.lower() for d in WINDOWS_DEVICES),
+        *(d.capitalize() + ".txt" for d in WINDOWS_DEVICES),
+        *(d.lower() + ".anna" for d in WINDOWS_DEVICES),
+        "nUl.tar.gz",
+        "Lpt9.x-y_z",
+    ],
+)
+def test_windows_device_names_refused(tmp_path: Path, name: str) -> None:
+    device = name.split(".")[0].upper()
+    _one_line_refusal(name, f"{device} is a device name reserved on Windows", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["anna.", "anna ", "a.b.", "x" * 63 + ".", "con.", "anna\t ", " "])
+def test_names_ending_in_a_dot_or_a_space_refused(tmp_path: Path, name: str) -> None:
+    _one_line_refusal(name, "ends in a dot or a space", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["CONSOLE", "con_1", "nully", "auxiliary", "prn-2", "COM10", "LPT10", "anna.con", "a.nul", "com1x"],
+)
+def test_names_that_only_resemble_devices_are_accepted(name: str) -> None:
+    assert validate_name(name) == name
 
 
 # --- loading and validation -------------------------------------------------------------------
@@ -412,7 +455,7 @@ def test_crash_during_save_keeps_the_previous_file(tmp_path: Path, monkeypatch: 
     def disk_full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    for failure, error in ((crash, KeyboardInterrupt), (disk_full, IdentityError)):
+    for failure, error in ((crash, KeyboardInterrupt), (disk_full, OutputError)):
         monkeypatch.setattr(files.os, "fsync", failure)
         with pytest.raises(error):
             IdentityLibrary(tmp_path).revoke("anna")

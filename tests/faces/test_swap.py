@@ -15,11 +15,11 @@ import skimage.data
 from onnx import numpy_helper
 
 from studio import geometry
-from studio.config import RefineConfig
-from studio.errors import InputError
+from studio.config import MaskConfig, RefineConfig
+from studio.errors import ConfigError, InputError
 from studio.faces import blend, swap
-from studio.faces.blend import MaskSettings, blend_face
-from studio.faces.swap import RefineFaceSettings, cached_latent, identity_latent, refine_face, swap_crop
+from studio.faces.blend import blend_face
+from studio.faces.swap import cached_latent, identity_latent, refine_face, swap_crop
 from studio.models.cache import ModelCache
 from studio.models.runtime import load_insightface_model
 from studio.types import Face
@@ -97,8 +97,8 @@ def _outside(image: np.ndarray, region: tuple[int, int, int, int]) -> np.ndarray
     return image[keep]  # (N, 3) pixels outside the region
 
 
-def _settings(colour_match: bool, upscale: str = "off") -> RefineFaceSettings:
-    return RefineFaceSettings(mask=MaskSettings(), colour_match=colour_match, upscale=upscale)  # type: ignore[arg-type]
+def _settings(colour_match: bool, upscale: str = "off") -> RefineConfig:
+    return RefineConfig(mask=MaskConfig(), colour_match=colour_match, upscale=upscale)  # type: ignore[arg-type]
 
 
 # identity_latent / cached_latent
@@ -282,7 +282,7 @@ def test_inplace_refine_works_on_the_mask_region_alone(swapper: Any, monkeypatch
     returned, _ = refine_face(canvas, face, latent, swapper, _settings(False), inplace=True)
     assert returned is canvas
     affine = geometry.estimate_alignment(face.landmarks, 128)
-    region = geometry.mask_region(affine, blend.crop_mask(128, MaskSettings()), canvas.shape[:2])
+    region = geometry.mask_region(affine, blend.crop_mask(128, MaskConfig()), canvas.shape[:2])
     x0, y0, x1, y1 = region
     # the aligned crop, then the crop and its mask into the mask's region: no full-frame warp
     assert sizes == [(128, 128), (x1 - x0, y1 - y0), (x1 - x0, y1 - y0)]
@@ -298,12 +298,11 @@ def test_face_off_the_canvas_edge_is_clipped(swapper: Any) -> None:
     assert result.shape == canvas.shape and result.dtype == np.uint8
 
 
-def test_settings_from_config() -> None:
-    config = RefineConfig(mask="box", mask_padding=0.1, mask_blur=0.2, colour_match=False, upscale="on")
-    settings = RefineFaceSettings.from_config(config)
-    assert settings == RefineFaceSettings(MaskSettings("box", 0.1, 0.2), False, "on", 0)
-    with pytest.raises(InputError):
-        RefineFaceSettings(upscale="sometimes")  # type: ignore[arg-type]
+def test_refine_settings_are_the_config_section() -> None:
+    with pytest.raises(ConfigError, match=r"refine.upscale has value 'sometimes'"):
+        RefineConfig(upscale="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"refine.mask.padding has value 0.5"):
+        MaskConfig(padding=0.5)
 
 
 def test_upscale_on_without_an_upscaler_is_an_error(swapper: Any) -> None:

@@ -14,9 +14,9 @@ import torch
 
 from studio import geometry
 from studio.compat import import_realesrgan
+from studio.config import MaskConfig, RefineConfig
 from studio.errors import InputError, ModelError, UnsafeFileError
-from studio.faces.blend import MaskSettings
-from studio.faces.swap import RefineFaceSettings, identity_latent, refine_face
+from studio.faces.swap import identity_latent, refine_face
 from studio.faces.upscale import Upscaler, load_upscaler
 from studio.models.catalogue import ModelEntry, read_catalogue_file
 from studio.models.runtime import load_insightface_model
@@ -158,7 +158,7 @@ def test_auto_upscales_only_faces_larger_than_the_crop(
 ) -> None:
     canvas = _smooth_image()
     latent = identity_latent(np.ones(512, np.float32), identity_swapper.emap)
-    settings = RefineFaceSettings(MaskSettings(), colour_match=True, upscale="auto")
+    settings = RefineConfig(mask=MaskConfig(), colour_match=True, upscale="auto")
     face = _face((256, 256), size)
     _, stats = refine_face(canvas, face, latent, identity_swapper, settings, upscaler=upscaler_x2)
     assert stats.upscaled is upscaled
@@ -180,7 +180,7 @@ def test_upscaled_path_changes_nothing_outside_the_region(
     canvas = _smooth_image()
     face = _face((250, 260), 64)  # small: "on" upscales it anyway
     latent = identity_latent(np.ones(512, np.float32), identity_swapper.emap)
-    settings = RefineFaceSettings(MaskSettings(), colour_match=colour_match, upscale="on")
+    settings = RefineConfig(mask=MaskConfig(), colour_match=colour_match, upscale="on")
     result, stats = refine_face(canvas, face, latent, identity_swapper, settings, upscaler=upscaler)
     assert stats.upscaled and stats.crop_size == 512
     affine = geometry.rescale_affine(geometry.estimate_alignment(face.landmarks, 128), 4.0)

@@ -6,9 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from studio.config import config_dir, load_config
+from studio.config import ModelsConfig, config_dir, load_config
 from studio.errors import ConfigError, LicenceError, ModelError
-from studio.models.catalogue import ensure_allowed, load_catalogue, read_catalogue_file
+from studio.models.catalogue import (
+    ModelEntry,
+    ModelSource,
+    ensure_allowed,
+    load_catalogue,
+    read_catalogue_file,
+)
+from studio.models.pull import pull
 from studio.types import MODEL_KINDS
 
 REAL = {
@@ -79,6 +86,35 @@ def test_bad_entries_are_named(tmp_path: Path, body: str, fragment: str) -> None
     with pytest.raises(ConfigError, match="entry \\[x\\]") as info:
         read_catalogue_file(path)
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("filename", ["../x", "a/b.onnx", "/abs", "", "..", "a\\\\b.onnx"])
+def test_filenames_must_be_plain_names(tmp_path: Path, filename: str) -> None:
+    path = tmp_path / "cat.toml"
+    path.write_text(
+        f'[x]\nkind = "detector"\nfilename = "{filename}"\nsource = {{ url = "http://127.0.0.1/x" }}\n'
+        f'sha256 = "{"0" * 64}"\nsize = 1\nlicence = "MIT"\ncommercial = true\n'
+    )
+    with pytest.raises(ConfigError, match="entry \\[x\\]: filename") as info:
+        read_catalogue_file(path)
+    assert str(path) in str(info.value) and "plain" in str(info.value) and "Fix:" in str(info.value)
+
+
+@pytest.mark.parametrize("filename", ["../escape.onnx", "/tmp/abs.onnx", "sub/x.onnx", ""])
+def test_pull_refuses_a_destination_outside_the_models_folder(tmp_path: Path, filename: str) -> None:
+    entry = ModelEntry(  # built directly, past the catalogue's own check: pull must refuse it too
+        name="x",
+        kind="detector",
+        filename=filename,
+        source=ModelSource(url="http://127.0.0.1:9/x"),
+        sha256="0" * 64,
+        size=1,
+        licence="MIT",
+        commercial=True,
+    )
+    with pytest.raises(ModelError, match="outside the models folder"):
+        pull(entry, ModelsConfig(dir=tmp_path / "models"))
+    assert not (tmp_path / "escape.onnx").exists()
 
 
 def test_catalogue_file_is_in_config_dir() -> None:

@@ -3,8 +3,8 @@
 The components keep SD 1.5's *architecture* (block types, layer counts, LDM key layout, tokenizer,
 scheduler) with tiny widths, so the loading code that serves real weights serves these unchanged:
 
-- ``write_tokenizer``: the real CLIP BPE tokenizer (49408 tokens) built from the vocabulary that ships
-  in the ``open_clip_torch`` wheel;
+- the real CLIP BPE tokenizer (49408 tokens), written by the production ``studio.models.tokenizer`` from
+  the vocabulary that ships in the ``open_clip_torch`` wheel (re-exported here as ``write_tokenizer``);
 - ``write_sd15``: a diffusers folder *and* an original-LDM single-file ``.safetensors`` checkpoint;
 - ``write_controlnet``: a ControlNet for that UNet, standing in for ``control_v11p_sd15_openpose``.
 
@@ -14,14 +14,12 @@ The pictures these models draw are seeded noise, not portraits.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,17 +30,14 @@ from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DCondi
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from studio.files import write_bytes_atomic, write_text_atomic
+from studio.models.tokenizer import BOS_ID as BOS_ID  # re-exported: the kit's tokenizer facts
+from studio.models.tokenizer import EOS_ID as EOS_ID
+from studio.models.tokenizer import MAX_LENGTH, VOCAB_SIZE, write_tokenizer
 
 logger = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]  # parameter name -> tensor (layouts as in the owning module)
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
-
-# CLIP BPE: 256 byte symbols, 256 byte symbols + "</w>", 48894 merges, 2 specials = 49408 ids.
-_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
-_NUM_MERGES = 49152 - 256 - 2
-BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
-BOS_ID, EOS_ID, VOCAB_SIZE, MAX_LENGTH = 49406, 49407, 49408, 77
 
 # SD 1.5's block structure (4 levels, 2 layers per block, cross-attention in the first three) at tiny widths.
 UNET_CONFIG: dict[str, Any] = {
@@ -105,61 +100,6 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 CONTROLNET_HINT_CHANNELS = (8, 16, 16, 32)  # 4 entries -> x8 downsampling of the pose image, as the real one
 _UNET_PREFIX, _VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 _TEXT_PREFIX = "cond_stage_model.transformer.text_model."
-
-
-# ---------------------------------------------------------------- tokenizer
-
-
-def write_tokenizer(folder: Path) -> None:
-    """Write SD 1.5's CLIPTokenizer files (vocab.json, merges.txt, configs) from open_clip's BPE list."""
-    vocab, merges = _clip_vocab_and_merges()
-    folder = Path(folder)
-    special = {"content": "", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
-    bos, eos = {**special, "content": BOS_TOKEN}, {**special, "content": EOS_TOKEN}
-    tokenizer_config = {
-        "add_prefix_space": False,
-        "bos_token": bos,
-        "do_lower_case": True,
-        "eos_token": eos,
-        "errors": "replace",
-        "model_max_length": MAX_LENGTH,
-        "pad_token": EOS_TOKEN,
-        "tokenizer_class": "CLIPTokenizer",
-        "unk_token": eos,
-    }
-    special_map = {"bos_token": bos, "eos_token": eos, "pad_token": EOS_TOKEN, "unk_token": eos}
-    write_text_atomic(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-    write_text_atomic(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
-    write_text_atomic(folder / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
-    write_text_atomic(folder / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
-
-
-def _clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    """OpenAI CLIP's vocabulary, built exactly as open_clip's SimpleTokenizer builds it."""
-    with resources.files("open_clip").joinpath(_BPE_FILE).open("rb") as handle:
-        lines = gzip.decompress(handle.read()).decode("utf-8").split("\n")
-    merges = lines[1 : _NUM_MERGES + 1]  # line 0 is the "#version" header
-    symbols = list(_bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
-    tokens += [BOS_TOKEN, EOS_TOKEN]
-    return {token: index for index, token in enumerate(tokens)}, merges
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte -> printable unicode symbol table (byte order defines the first 256 ids)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return {byte: chr(code) for byte, code in zip(printable, codes, strict=True)}
 
 
 # ---------------------------------------------------------------- SD 1.5 pipeline

@@ -31,10 +31,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from studio.files import write_bytes_atomic, write_text_atomic
 from studio.models.tiny.diffusion import (
-    MAX_LENGTH,
     TEXT_CONFIG,
     VAE_CONFIG,
-    VOCAB_SIZE,
     StateDict,
     _rename,
     _resnet_unet_names,
@@ -46,8 +44,8 @@ from studio.models.tiny.diffusion import (
     _vae_prefix_map,
     _vae_tensor_to_ldm,
     write_controlnet,
-    write_tokenizer,
 )
+from studio.models.tokenizer import MAX_LENGTH, VOCAB_SIZE, write_tokenizer
 
 logger = logging.getLogger(__name__)
 

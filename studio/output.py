@@ -1,0 +1,88 @@
+"""The one output sink: every image the studio writes goes through :meth:`OutputSink.write`.
+
+A run gets a run id (UTC time + random suffix) when it starts; its resolved config and raw request are
+written under that id at once, so a killed run leaves its request behind. Each image is named after what it
+is (``<run>-<seed>.png`` for a draft, ``<run>-<seed>-<cast>.png`` for a refined draft,
+``<run>-<source>-<cast>.png`` for a re-faced file) and committed with a no-clobber hard link, so two
+processes writing into one folder can never overwrite each other. Steps of a write, in order: name →
+A1111 parameters → (watermark) → PNG chunks with the recipe → (C2PA signature, last) → (audit entry);
+provenance hooks in here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from studio.config import StudioConfig, config_to_toml
+from studio.files import atomic_writer, remove_stale_temps
+from studio.imageio import write_image
+from studio.recipe import Recipe, a1111_parameters
+from studio.types import ImageBGR
+
+logger = logging.getLogger(__name__)
+
+_UNSAFE = re.compile(r"[^\w.+=-]+")
+_MAX_TRIES = 1000
+
+
+def new_run_id() -> str:
+    """``20261203-104700-1a2b3c``: sortable by time, unique across processes writing at once."""
+    return f"{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+class OutputSink:
+    """Writes one run's files into ``folder``: never over an existing file, never a partial one."""
+
+    def __init__(self, folder: Path, run_id: str | None = None) -> None:
+        self.folder = Path(folder)
+        self.run_id = run_id or new_run_id()
+        self.config_file: Path | None = None
+
+    def start(self, config: StudioConfig, request: Mapping[str, Any]) -> Path:
+        """Begin the run: remove stale temp files of ours, write the run's config and request."""
+        removed = remove_stale_temps(self.folder)
+        if removed:
+            logger.info("removed %d stale temp file(s) left by killed runs in %s", len(removed), self.folder)
+        self.config_file = self._new_file(f"{self.run_id}-config", ".toml", config_to_toml(config).encode())
+        self._new_file(
+            f"{self.run_id}-request", ".json", json.dumps(request, indent=1, sort_keys=True).encode()
+        )
+        return self.config_file
+
+    def write(self, image: ImageBGR, recipe: Recipe, stem: str) -> Path:
+        """Write ``image`` as ``<run>-<stem>.png`` (or ``-1``, ``-2``… if taken) with its recipe."""
+        # 1. the A1111 parameters text, from the recipe
+        parameters = a1111_parameters(recipe)
+        data = recipe.to_dict()
+        # 2. a name nobody else holds, claimed atomically with the complete file (PNG chunks inside)
+        for path in self._names(f"{self.run_id}-{_safe(stem)}", ".png"):
+            try:
+                return write_image(path, image, parameters=parameters, recipe=data, exclusive=True)
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"no free name for {stem} in {self.folder}")
+
+    def _new_file(self, stem: str, suffix: str, data: bytes) -> Path:
+        for path in self._names(stem, suffix):
+            try:
+                with atomic_writer(path, exclusive=True) as handle:
+                    handle.write(data)
+                return path
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"no free name for {stem} in {self.folder}")
+
+    def _names(self, stem: str, suffix: str) -> list[Path]:
+        return [self.folder / f"{stem}{'' if n == 0 else f'-{n}'}{suffix}" for n in range(_MAX_TRIES)]
+
+
+def _safe(text: str) -> str:
+    """A file-name-safe version of ``text`` (identity names are already safe; source stems may not be)."""
+    return _UNSAFE.sub("_", text).strip("._") or "image"
