@@ -26,6 +26,7 @@ from studio.types import Device, DType, Sampler
 logger = logging.getLogger(__name__)
 
 OnnxProviders = Literal["auto", "cpu", "cuda", "coreml"]
+MAX_BATCH = 16  # images rendered at once (draft.batch_size, --batch-size)
 PROFILES_NOTE = "profiles are the configs/*.toml files other than models.toml and train_*.toml"
 
 
@@ -70,9 +71,9 @@ def check_value(spec: dataclasses.Field, hint: Any, value: Any, key: str) -> Non
 class ModelsConfig:
     """Where model files live and how they may be loaded."""
 
-    dir: Path
+    dir: Path = Path("~/.cache/portrait-studio/models")
     search_paths: tuple[Path, ...] = ()
-    catalogues: tuple[Path, ...] = ()
+    catalogues: tuple[Path, ...] = (Path("models.toml"),)
     tiny_kit: Path | None = None
     allow_pickle: bool = False
     licences: Path | None = None  # your licence declarations for models outside the catalogue (TOML)
@@ -129,7 +130,7 @@ class DraftConfig:
     steps: int = field(default=30, metadata=bounds(1, 500))
     cfg: float = field(default=7.0, metadata=bounds(0.0, 50.0))
     sampler: Sampler = "DPM++ 2M Karras"
-    negative: str = ""
+    negative: str = "lowres, blurry, deformed face, bad anatomy, extra fingers, watermark, text"
     controlnet: str = "controlnet_openpose_sd15"  # used with --pose (SDXL: controlnet_openpose_sdxl)
     lora_dir: Path | None = None  # default: loras/ beside configs/
     max_loaded_loras: int = field(default=8, metadata=bounds(1, 64))
@@ -219,7 +220,7 @@ class StudioConfig:
     """The whole validated configuration."""
 
     profile: str
-    models: ModelsConfig
+    models: ModelsConfig = ModelsConfig()
     commercial: bool = False
     output_dir: Path = Path("outputs")
     runtime: RuntimeConfig = RuntimeConfig()

@@ -44,8 +44,9 @@ from studio.models.cache import ModelCache
 from studio.models.catalogue import Catalogue
 from studio.models.resolve import resolve
 from studio.output import OutputSink
+from studio.prepare import build_draft_request
 from studio.recipe import DraftRecord, Recipe, RefineRecord, differences, environment, recipe_from_image
-from studio.request import GenerateRequest, build_draft_request
+from studio.request import GenerateRequest
 from studio.types import Identity, ImageBGR
 
 logger = logging.getLogger(__name__)
@@ -450,6 +451,7 @@ class Studio:
             source = self._source_of(recipe)
             result = self.refine_files([source], request)
         else:
+            _check_inputs_unchanged(recipe.draft.inputs)
             result = self._generate(request, None, only_seed=recipe.seed)
         if not result.outputs:
             raise RefineError(
@@ -492,6 +494,17 @@ class Studio:
         if refining and tiny:
             notes.append(TINY_DETECTOR_NOTE)
         return tuple(notes)
+
+
+def _check_inputs_unchanged(inputs: Mapping[str, Mapping[str, str]]) -> None:
+    """Refuse to reproduce when an input file (init image, pose) differs from the one recorded."""
+    for key, was in inputs.items():
+        path = Path(was["path"])
+        if not path.is_file() or sha256_file(path) != was["sha256"]:
+            raise InputError(
+                f"The {key} file {path} is missing or changed since the image was made.",
+                fix="restore the original file at that path.",
+            )
 
 
 def _stem(result: Draft | Refined) -> str:

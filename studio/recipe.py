@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from studio import __version__
+from studio._version import __version__
 from studio.errors import InputError
 from studio.imageio import format_parameters
 from studio.request import GenerateRequest
@@ -136,6 +136,7 @@ class Recipe:
         """JSON-ready data."""
         data = asdict(self)
         data["parent"] = self.parent.to_dict() if self.parent else None
+        data["stages"] = list(self.stages)  # derived, for people reading the metadata
         return data
 
     def to_json(self) -> str:

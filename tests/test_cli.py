@@ -42,9 +42,8 @@ def test_generate_tiny_end_to_end(tiny_overrides: list[str], tmp_path: Path) -> 
     assert image.shape == (64, 64, 3) and image.std() > 0
     meta = read_metadata(outputs[1])
     assert meta.parameters is not None and "Seed: 8" in meta.parameters
-    assert (
-        meta.recipe is not None and meta.recipe["seed"] == 8 and meta.recipe["model"]["label"] == "tiny-sd15"
-    )
+    assert meta.recipe is not None
+    assert meta.recipe["draft"]["seed"] == 8 and meta.recipe["draft"]["model"]["label"] == "tiny-sd15"
     assert len(list((tmp_path / "out").glob("*-config.toml"))) == 1
 
 

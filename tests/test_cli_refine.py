@@ -47,7 +47,7 @@ def test_enrol_refine_revoke(tiny_overrides: list[str], tmp_path: Path) -> None:
     refined = _run("refine", str(master), "--identity", "anna", "--profile", "tiny", *sets)
     assert refined.returncode == 0, refined.stderr
     assert "master.png: 1 face found" in refined.stdout and "similarity" in refined.stdout
-    out = next((tmp_path / "out").glob("master-anna*.png"))
+    out = next((tmp_path / "out").glob("*-master-anna.png"))  # <run id>-<source>-<cast>.png
     assert read_metadata(out).recipe["refine"]["status"] == "ok"
     assert _run("identity", "revoke", "anna", "--profile", "tiny", *sets).returncode == 0
     refused = _run("refine", str(master), "--identity", "anna", "--profile", "tiny", *sets)

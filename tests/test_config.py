@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from studio.config import load_config, write_resolved_config
+from studio.config import (
+    StudioConfig,
+    config_dir,
+    config_from_dict,
+    config_to_toml,
+    load_config,
+)
 from studio.errors import ConfigError
 
 
@@ -66,9 +73,45 @@ def test_broken_toml_names_the_file(tmp_path: Path) -> None:
         load_config("default", user_file=bad)
 
 
-def test_resolved_config_round_trips(tmp_path: Path) -> None:
-    config = load_config("tiny", overrides=["draft.steps=7"])
-    path = write_resolved_config(config, tmp_path / "out" / "run.toml")
-    table = tomllib.loads(path.read_text())
+def test_resolved_config_loads_back_equal() -> None:
+    config = load_config("tiny", overrides=["draft.steps=7", "refine.mask.blur=0.4", "commercial=true"])
+    table = tomllib.loads(config_to_toml(config))
     assert table["draft"]["steps"] == 7 and table["profile"] == "tiny"
-    assert not list(path.parent.glob(".*tmp"))
+    assert config_from_dict(table) == config  # every key, nested sections and paths included
+
+
+def test_default_toml_equals_the_dataclass_defaults() -> None:
+    """configs/default.toml restates every default: one definition, checked against the dataclasses."""
+    default = load_config("default")
+    written = tomllib.loads((config_dir() / "default.toml").read_text())
+    built = config_from_dict({**written, "profile": "default"})
+    assert built == default
+    for section in ("models", "runtime", "performance", "images", "draft", "refine", "adapter"):
+        from_dataclass = type(getattr(default, section))()  # every field at its dataclass default
+        from_file = getattr(default, section)
+        for name in ("dir", "identities_dir"):  # loading expands ~; the dataclass keeps the raw default
+            if hasattr(from_dataclass, name):
+                raw = getattr(from_dataclass, name)
+                from_dataclass = dataclasses.replace(from_dataclass, **{name: raw.expanduser()})
+        assert from_file == from_dataclass, section
+    assert set(written) - {"models"} <= {f.name for f in dataclasses.fields(StudioConfig)}
+    assert default.commercial is False and default.output_dir == Path("outputs")
+
+
+@pytest.mark.parametrize(
+    ("override", "allowed"),
+    [
+        ("refine.mask.padding=0.49", None),
+        ("refine.mask.padding=0.5", "from 0.0 to 0.49"),
+        ("refine.detect.threshold=0.99", None),
+        ("refine.detect.threshold=1.0", "from 0.05 to 0.99"),
+        ("refine.detect.det_size=330", "a multiple of 32"),
+        ("draft.width=100", "a multiple of 8"),
+    ],
+)
+def test_one_range_per_setting(override: str, allowed: str | None) -> None:
+    if allowed is None:
+        load_config("default", overrides=[override])
+        return
+    with pytest.raises(ConfigError, match=allowed):
+        load_config("default", overrides=[override])

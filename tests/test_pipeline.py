@@ -28,7 +28,7 @@ def test_two_requests_load_the_pipeline_once(tiny_overrides: list[str]) -> None:
     studio = Studio(load_config("tiny", overrides=tiny_overrides))
     first = studio.generate(REQUEST)
     second = studio.generate(replace(REQUEST, seed=6, count=1))
-    assert [n for key, n in studio.cache.loads.items() if key[0] == "draft-base"] == [1]
+    assert [n for key, n in studio.cache.loads.items() if key[0] == "draft-pipeline"] == [1]
     assert len(first.outputs) == 2 and len(second.outputs) == 1
     assert set(first.timings) == {"load", "draft", "write"}
     # image i of a request is seed + i: request 2's first image (seed 6) is request 1's second; batched

@@ -11,7 +11,8 @@ import pytest
 from skimage import data
 
 from studio.config import StudioConfig, load_config
-from studio.errors import IdentityError
+from studio.errors import IdentityError, RefineError
+from studio.files import sha256_file
 from studio.imageio import read_image, read_metadata, write_image
 from studio.pipeline import Studio
 from studio.request import GenerateRequest
@@ -49,7 +50,8 @@ def test_generate_with_identity_refines_and_records_qa(studio: Studio) -> None:
     assert "similarity" in result.statuses[0]
     recipe = read_metadata(result.outputs[0]).recipe
     assert recipe["stages"] == ["draft", "refine"]
-    assert recipe["refine"]["status"] == "ok" and recipe["refine"]["identity"] == "anna"
+    assert recipe["refine"]["status"] == "ok" and recipe["refine"]["cast"] == "anna"
+    assert recipe["refine"]["identities"]["anna"] == sha256_file(studio.identities.path_for("anna"))
     assert -1.0 <= recipe["refine"]["qa"][0]["similarity_after"] <= 1.0
     assert set(result.timings) >= {"load", "draft", "refine"}
 
@@ -67,21 +69,25 @@ def test_refine_existing_image_changes_only_the_face(studio: Studio, tmp_path: P
     assert x0 > 0.2 * 512 and x1 < 0.8 * 512 and y0 > 0.1 * 512 and y1 < 0.85 * 512  # around the fixture face
     recipe = read_metadata(result.outputs[0]).recipe
     assert recipe["refine"]["upscaled"] == [True]  # a ~200 px face is larger than the 128 px swap crop
-    assert recipe["source_image"]["path"] == str(master)
+    assert recipe["source"] == {"path": str(master), "sha256": sha256_file(master)}
 
 
-def test_no_face_and_too_few_faces_leave_the_image_untouched(studio: Studio, tmp_path: Path) -> None:
+def test_a_refine_that_changes_nothing_writes_nothing(studio: Studio, tmp_path: Path) -> None:
     flat = tmp_path / "flat.png"
     write_image(flat, np.full((256, 256, 3), 128, np.uint8))
     textured = tmp_path / "one-face.png"
     write_image(textured, cv2.resize(data.astronaut()[:, :, ::-1], (256, 256)))  # RGB -> BGR
     none = studio.refine_files([flat], GenerateRequest(prompt="", identity="anna"))
-    assert "no faces" in none.statuses[0]
-    assert np.array_equal(read_image(none.outputs[0]), read_image(flat))
+    assert "no faces" in none.statuses[0] and none.outputs == ()
+    assert none.unchanged == ("flat.png: no faces found: nothing swapped (no file written)",)
     few = studio.refine_files([textured], GenerateRequest(prompt="", identity="0=anna,1=anna"))
-    assert "1 face found, mapping needs 2: nothing swapped" in few.statuses[0]
-    assert np.array_equal(read_image(few.outputs[0]), read_image(textured))
-    assert read_metadata(few.outputs[0]).recipe["refine"]["status"] == "too_few_faces"
+    assert "1 face found, mapping needs 2: nothing swapped" in few.statuses[0] and few.outputs == ()
+    written = sorted(p.suffix for p in studio.config.output_dir.iterdir())
+    assert written == [".json", ".json", ".toml", ".toml"]  # two runs' config + request, no image
+    refined = studio.refine(studio.open(textured), "0=anna,1=anna")
+    assert not refined.changed and refined.status == "too_few_faces"
+    with pytest.raises(RefineError, match="Nothing to save: 1 face found, mapping needs 2"):
+        studio.save(refined)
 
 
 def test_revoked_and_unknown_identities_are_refused(studio: Studio) -> None:
@@ -94,8 +100,8 @@ def test_revoked_and_unknown_identities_are_refused(studio: Studio) -> None:
 
 def test_reproduce_repeats_the_refine(studio: Studio) -> None:
     made = studio.generate(GenerateRequest(prompt="x", identity="anna", seed=3, **FAST)).outputs[0]
-    again, identical = studio.reproduce(made)
-    assert identical and read_metadata(again.outputs[0]).recipe["stages"] == ["draft", "refine"]
+    again = studio.reproduce(made)
+    assert again.identical and read_metadata(again.result.outputs[0]).recipe["stages"] == ["draft", "refine"]
 
 
 def test_qa_minimum_marks_failures(config: StudioConfig, photos: list[Path]) -> None:

@@ -6,13 +6,11 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 
-from studio.config import DraftConfig, check_value
+from studio.config import MAX_BATCH, DraftConfig, check_value
 from studio.draft.face import FaceCondition
 from studio.errors import InputError
 from studio.models.resolve import ResolvedModel
 from studio.types import ImageBGR, ImageRGB, Sampler
-
-MAX_BATCH = 16
 
 
 @dataclass(frozen=True, eq=False)

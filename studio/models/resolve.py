@@ -64,8 +64,9 @@ def resolve(ref: str, kind: RefKind, config: StudioConfig, catalogue: Catalogue)
     # 1. a catalogue name
     entry = catalogue.get(ref)
     if entry is not None and _fits(entry, kind):
+        _allowed(_from_entry(ref, kind, entry, Path(entry.filename)), config)  # refused before any search
         path = require_verified(entry, config.models)
-        return _allowed(_from_entry(ref, kind, entry, path), config)
+        return _from_entry(ref, kind, entry, path)
     # 2. a file or folder: checked before any library opens it, then matched to the catalogue by content
     path = _find_file(ref, kind, config)
     if path is not None:

@@ -70,10 +70,10 @@ def test_adapter_is_recorded_and_reproduced(studio: Studio) -> None:
         GenerateRequest(prompt="x", identity="anna", adapter="fact", adapter_scale=0.7, **FAST)
     )
     recipe = read_metadata(made.outputs[0]).recipe
-    assert recipe["adapter"]["kind"] == "fact" and recipe["adapter"]["scale"] == 0.7
+    adapter = recipe["draft"]["adapter"]
+    assert adapter["kind"] == "fact" and adapter["scale"] == 0.7 and len(adapter["identity_sha256"]) == 64
     assert "Face adapter: fact anna scale 0.7" in read_metadata(made.outputs[0]).parameters
-    _, identical = studio.reproduce(made.outputs[0])
-    assert identical
+    assert studio.reproduce(made.outputs[0]).identical
 
 
 def test_adapter_requests_are_checked(studio: Studio, tmp_path: Path) -> None:

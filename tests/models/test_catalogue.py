@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 
 from studio.config import ModelsConfig, config_dir, load_config
-from studio.errors import ConfigError, LicenceError, ModelError
+from studio.errors import ConfigError, ModelError
 from studio.models.catalogue import (
     ModelEntry,
     ModelSource,
-    ensure_allowed,
     load_catalogue,
     read_catalogue_file,
 )
@@ -49,25 +48,6 @@ def test_entry_lookup_by_kind_lists_choices() -> None:
         catalogue.entry("det_10g", "swapper")
 
 
-def test_commercial_setting_refuses_non_commercial_models_by_name() -> None:
-    catalogue = load_catalogue(load_config("default").models)
-    ensure_allowed([catalogue["sd15"]], commercial=True)
-    ensure_allowed([catalogue["inswapper_128"]], commercial=False)
-    with pytest.raises(LicenceError) as info:
-        ensure_allowed([catalogue["sd15"], catalogue["inswapper_128"], catalogue["det_10g"]], commercial=True)
-    assert "inswapper_128" in str(info.value) and "det_10g" in str(info.value)
-    assert "sd15" not in str(info.value).split("forbid commercial use:")[1]
-
-
-@pytest.mark.parametrize(
-    ("body", "fragment"),
-    [
-        ('kind = "toaster"', "kind 'toaster'"),
-        ('sha256 = "abc"', "not 64 lowercase hex"),
-        ("size = -1\nextra = 1", "unknown keys ['extra']"),
-        ('source = { ftp = "x" }', "source"),
-    ],
-)
 def test_bad_entries_are_named(tmp_path: Path, body: str, fragment: str) -> None:
     base = {
         "kind": '"detector"',

@@ -1,0 +1,103 @@
+"""How a generate request becomes a draft request: style → template → LoRAs → pose → init image.
+
+Precedence for every setting: the request (command line) > the style preset > the config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from studio.config import StudioConfig
+from studio.draft import ControlSpec, DraftRequest
+from studio.draft.face import FaceCondition
+from studio.draft.pose import load_pose
+from studio.files import sha256_file
+from studio.imageio import read_image
+from studio.models.cache import ModelCache
+from studio.models.catalogue import Catalogue
+from studio.models.resolve import resolve
+from studio.prompts import fill_template
+from studio.request import GenerateRequest
+from studio.styles import StylePreset, load_style
+from studio.types import ImageBGR
+
+
+def build_draft_request(
+    request: GenerateRequest,
+    catalogue: Catalogue,
+    config: StudioConfig,
+    cache: ModelCache,
+    face: FaceCondition | None = None,
+) -> tuple[DraftRequest, dict[str, Any]]:
+    """The draft request, and the input files it used (path + sha256, for the recipe)."""
+    style = load_style(request.style) if request.style else None
+    defaults = config.draft
+    text = style.prompt.replace("{prompt}", request.prompt) if style else request.prompt
+    negative = (
+        request.negative if request.negative is not None else _pick(style, "negative", defaults.negative)
+    )
+    width = request.width or _pick(style, "width", defaults.width)
+    height = request.height or _pick(style, "height", defaults.height)
+    style_loras = tuple((lo.name, lo.weight) for lo in style.loras) if style else ()
+    loras = tuple((resolve(n, "lora", config, catalogue), w) for n, w in style_loras + request.loras)
+    inputs: dict[str, Any] = {}
+    draft = DraftRequest(
+        prompt=fill_template(text, request.variables),
+        negative=fill_template(negative, request.variables),
+        seed=request.seed,
+        count=request.count,
+        width=width,
+        height=height,
+        steps=request.steps or _pick(style, "steps", defaults.steps),
+        cfg=request.cfg if request.cfg is not None else _pick(style, "cfg", defaults.cfg),
+        sampler=request.sampler or _pick(style, "sampler", defaults.sampler),
+        batch_size=request.batch_size,
+        loras=loras,
+        init_image=_init_image(request.init_image, config, inputs),
+        strength=request.strength,
+        control=_control(request, width, height, catalogue, config, cache, inputs),
+        face=face,
+    )
+    return draft, inputs
+
+
+def _init_image(path: Path | None, config: StudioConfig, inputs: dict[str, Any]) -> ImageBGR | None:
+    if path is None:
+        return None
+    image = read_image(path, max_pixels=config.images.max_pixels)  # first: a missing file is an ImageError
+    inputs["init_image"] = {"path": str(path), "sha256": sha256_file(path)}
+    return image
+
+
+def _control(
+    request: GenerateRequest,
+    width: int,
+    height: int,
+    catalogue: Catalogue,
+    config: StudioConfig,
+    cache: ModelCache,
+    inputs: dict[str, Any],
+) -> ControlSpec | None:
+    if request.pose is None:
+        return None
+    model = resolve(request.control_model or config.draft.controlnet, "controlnet", config, catalogue)
+    image = load_pose(
+        request.pose,
+        width=width,
+        height=height,
+        max_pixels=config.images.max_pixels,
+        detector_dir=config.models.dir / "annotators",
+        source=request.pose_source,
+        cache=cache,
+    )
+    inputs["pose"] = {
+        "path": str(request.pose),
+        "sha256": sha256_file(request.pose),
+        "source": request.pose_source,
+    }
+    return ControlSpec(model, image, request.control_scale, request.control_start, request.control_end)
+
+
+def _pick(style: StylePreset | None, key: str, default: Any) -> Any:
+    return getattr(style, key) if style is not None else default
