@@ -47,11 +47,13 @@ def quiet_model_libraries() -> Iterator[None]:
         yield
         return
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     loggers = [logging.getLogger(name) for name in _NOISY]
     levels = [lg.level for lg in loggers]
-    bars = diffusers_logging.is_progress_bar_enabled()
-    diffusers_logging.disable_progress_bar()
+    bars = [m for m in (diffusers_logging, transformers_logging) if m.is_progress_bar_enabled()]
+    for module in bars:
+        module.disable_progress_bar()
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
@@ -61,5 +63,5 @@ def quiet_model_libraries() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
-        if bars:
-            diffusers_logging.enable_progress_bar()
+        for module in bars:
+            module.enable_progress_bar()

@@ -175,7 +175,7 @@ class Studio:
         meta = read_metadata(path, max_pixels=self.config.images.max_pixels)
         parent = recipe_from_image(meta.recipe, path) if meta.recipe is not None else None
         source = {"path": str(path), "sha256": sha256_file(path)}
-        if meta.parameters:
+        if meta.parameters and parent is None:  # e.g. an A1111 image: keep its infotext
             source["parameters"] = meta.parameters
         recipe = Recipe(
             request={}, config=config_to_dict(self.config), models={}, source=source, parent=parent

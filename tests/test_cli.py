@@ -94,4 +94,18 @@ def test_commercial_refuses_non_commercial_model_by_name(tmp_path: Path) -> None
         f"models.catalogues=['models.toml', {str(catalogue)!r}]",
     )
     assert proc.returncode == 4
-    assert "research-sd (research only)" in proc.stderr and "commercial" in proc.stderr
+    assert "research-sd has licence 'research only'" in proc.stderr and "commercial" in proc.stderr
+
+
+def test_a_damaged_model_file_is_one_line(tiny_overrides: list[str], tiny_kit: Path, tmp_path: Path) -> None:
+    whole = (tiny_kit / "tiny-sd15.safetensors").read_bytes()
+    cut, bloated = tmp_path / "cut.safetensors", tmp_path / "bloated.safetensors"
+    cut.write_bytes(whole[: len(whole) // 2])
+    bloated.write_bytes((8 << 30).to_bytes(8, "little") + whole[8:])  # a header that claims 8 GiB
+    for path, problem in ((cut, "truncated"), (bloated, "header claims")):
+        proc = _run(
+            "generate", "x", "--profile", "tiny", *_sets([*tiny_overrides, f"draft.model={str(path)!r}"])
+        )
+        assert proc.returncode == 4 and "Traceback" not in proc.stderr, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and path.name in lines[0] and problem in lines[0], proc.stderr

@@ -49,6 +49,10 @@ def test_enrol_refine_revoke(tiny_overrides: list[str], tmp_path: Path) -> None:
     assert "master.png: 1 face found" in refined.stdout and "similarity" in refined.stdout
     out = next((tmp_path / "out").glob("*-master-anna.png"))  # <run id>-<source>-<cast>.png
     assert read_metadata(out).recipe["refine"]["status"] == "ok"
+    few = _run("refine", str(master), "--identity", "0=anna,1=anna", "--profile", "tiny", *sets)
+    assert few.returncode == 7 and "Traceback" not in few.stderr
+    assert "refine changed nothing: master.png: 1 face found, mapping needs 2" in few.stderr
+    assert not list((tmp_path / "out").glob("*-master-0-anna+1-anna*.png"))  # no unchanged copy
     assert _run("identity", "revoke", "anna", "--profile", "tiny", *sets).returncode == 0
     refused = _run("refine", str(master), "--identity", "anna", "--profile", "tiny", *sets)
     assert refused.returncode == 3 and "revoked" in refused.stderr and "Traceback" not in refused.stderr

@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 from skimage import data
 
-from studio.config import StudioConfig, load_config
+from studio.config import MaskConfig, StudioConfig, load_config
 from studio.errors import IdentityError, RefineError
+from studio.faces import load_face_models, refine_models
+from studio.faces.detect import detect_faces
 from studio.files import sha256_file
 from studio.imageio import read_image, read_metadata, write_image
 from studio.pipeline import Studio
+from studio.recipe import Recipe
 from studio.request import GenerateRequest
 
 FAST = {"steps": 2, "width": 64, "height": 64}
@@ -63,10 +66,15 @@ def test_refine_existing_image_changes_only_the_face(studio: Studio, tmp_path: P
     result = studio.refine_files([master], GenerateRequest(prompt="", identity="anna"))
     assert master.read_bytes() == before  # the source is never touched
     out, src = read_image(result.outputs[0]).astype(int), read_image(master).astype(int)
-    changed = np.argwhere(np.abs(out - src).max(axis=2) > 0)
-    y0, x0 = changed.min(axis=0)
-    y1, x1 = changed.max(axis=0)
-    assert x0 > 0.2 * 512 and x1 < 0.8 * 512 and y0 > 0.1 * 512 and y1 < 0.85 * 512  # around the fixture face
+    changed = np.abs(out - src).max(axis=2) > 0  # HxW
+    models = load_face_models(refine_models(studio.config, studio.catalogue), studio.config, studio.cache)
+    (face,) = detect_faces(read_image(master), models.detector, studio.config.refine.detect)
+    x0, y0, x1, y1 = (round(v) for v in face.box)
+    pad = round(0.25 * face.size)  # the aligned crop reaches a little past the detector's box
+    outside = np.ones_like(changed)
+    outside[max(0, y0 - pad) : y1 + pad, max(0, x0 - pad) : x1 + pad] = False
+    assert not changed[outside].any()  # nothing outside the face's region changed
+    assert changed[y0:y1, x0:x1].mean() > 0.5  # most of the face did
     recipe = read_metadata(result.outputs[0]).recipe
     assert recipe["refine"]["upscaled"] == [True]  # a ~200 px face is larger than the 128 px swap crop
     assert recipe["source"] == {"path": str(master), "sha256": sha256_file(master)}
@@ -102,6 +110,35 @@ def test_reproduce_repeats_the_refine(studio: Studio) -> None:
     made = studio.generate(GenerateRequest(prompt="x", identity="anna", seed=3, **FAST)).outputs[0]
     again = studio.reproduce(made)
     assert again.identical and read_metadata(again.result.outputs[0]).recipe["stages"] == ["draft", "refine"]
+
+
+def test_reproduce_runs_under_the_recipes_config(config: StudioConfig, photos: list[Path]) -> None:
+    soft = Studio(replace(config, refine=replace(config.refine, mask=MaskConfig(blur=0.4))))
+    soft.enrol("anna", photos, consent="release #123")
+    made = soft.generate(GenerateRequest(prompt="x", identity="anna", seed=4, **FAST)).outputs[0]
+    plain = Studio(config)  # mask blur 0.1: the profile's default
+    again = plain.reproduce(made)
+    assert again.identical and again.differences == ()
+    current = plain.reproduce(made, use_current_config=True)
+    assert not current.identical and "config [refine] differs" in current.differences
+
+
+def test_a_refaced_master_keeps_its_recipe_and_reproduces(studio: Studio) -> None:
+    master = studio.generate(GenerateRequest(prompt="a master creative", seed=21, **FAST)).outputs[0]
+    refaced = studio.refine_files([master], GenerateRequest(prompt="", identity="anna")).outputs[0]
+    recipe = Recipe.from_dict(read_metadata(refaced).recipe)  # type: ignore[arg-type]
+    assert recipe.stages == ("refine",) and recipe.parent is not None and recipe.parent.seed == 21
+    assert recipe.source == {"path": str(master), "sha256": sha256_file(master)}
+    assert "a master creative" in (read_metadata(refaced).parameters or "")  # A1111 text from the parent
+    assert studio.reproduce(refaced).identical
+
+
+def test_reenrolled_identity_is_named_when_pixels_differ(studio: Studio, photos: list[Path]) -> None:
+    made = studio.generate(GenerateRequest(prompt="x", identity="anna", seed=8, **FAST)).outputs[0]
+    studio.enrol("anna", photos[:1], consent="release #124", replace=True)  # other photos: other embedding
+    again = studio.reproduce(made)
+    assert not again.identical
+    assert any(d.startswith("identity 'anna': file sha256") for d in again.differences), again.differences
 
 
 def test_qa_minimum_marks_failures(config: StudioConfig, photos: list[Path]) -> None:

@@ -58,11 +58,11 @@ def make_studio(
     debug: bool,
     verbose: bool,
 ) -> tuple[Any, float]:
-    from studio.pipeline import Studio
-
     extra = [f"output_dir={str(output_dir)!r}"] if output_dir else []
     config = setup_logging_and_config(profile, config_file, [*(overrides or []), *extra], debug, verbose)
     start = time.perf_counter()
+    from studio.pipeline import Studio  # the model libraries: only once the config is known to be good
+
     studio = Studio(config)
     return studio, time.perf_counter() - start
 

@@ -164,7 +164,7 @@ def test_reproduce_refuses_changed_inputs(studio: Studio, tmp_path: Path) -> Non
     write_image(init, np.full((64, 64, 3), 90, np.uint8))
     made = studio.generate(GenerateRequest(prompt="x", init_image=init, **FAST)).outputs[0]
     write_image(init, np.full((64, 64, 3), 91, np.uint8))
-    with pytest.raises(InputError, match="in.png is missing or changed since the image was made"):
+    with pytest.raises(InputError, match=r"in\.png is missing or changed since the image was made"):
         studio.reproduce(made)
     plain = tmp_path / "plain.png"
     shutil.copy(init, plain)
