@@ -2,8 +2,9 @@
 
     uv run python bench/draft_bench.py [--size 256] [--steps 20] [--repeats 5] [--threads 1]
 
-(a) overhead: the studio's draft call (render_draft: scheduler, prompt weighting, LoRA state, image
-    conversion) against a bare diffusers call on the same loaded components, steps and seed;
+(a) overhead: the studio's draft call (DraftPipeline.render: lock, scheduler, prompt weighting, LoRA
+    state, image conversion) against a bare diffusers call on the same loaded components, steps and seed,
+    interleaved in alternating order, with an A/A control (bare against bare) that shows the noise floor;
 (b) UNet evaluations per image, counted with a forward hook: steps x 2 with CFG, steps x 1 without;
 (c) switching between two resident LoRA styles against loading the base pipeline;
 (d) base pipeline loads in one process across several requests (styles, LoRAs, samplers).
@@ -15,17 +16,19 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from _common import bench_args
 
 from studio.config import load_config
-from studio.draft import DraftRequest, render_draft
-from studio.draft.load import load_pipeline, resolve_base
-from studio.draft.loras import apply_loras, resolve_lora
+from studio.draft import DraftPipeline, DraftRequest
+from studio.draft.load import resolve_base
+from studio.draft.loras import apply_loras
 from studio.models import open_catalogue
 from studio.models.cache import ModelCache
+from studio.models.resolve import resolve
 from studio.pipeline import Studio
 from studio.request import GenerateRequest
 
@@ -41,7 +44,7 @@ def main() -> None:
         # (c, part 1) base load time, from a fresh cache
         cache = ModelCache()
         start = time.perf_counter()
-        pipe = load_pipeline(base, "txt2img", None, config, cache)
+        pipeline = DraftPipeline(base, config, cache)
         base_load_s = time.perf_counter() - start
         request = DraftRequest(
             prompt="portrait of a lighthouse keeper, rim light",
@@ -54,13 +57,14 @@ def main() -> None:
             cfg=7.0,
             sampler="DPM++ 2M Karras",
         )
-        overhead_pct = _overhead(pipe, request, base, config, cache, args.repeats)
-        exact = _unet_counts(pipe, request, base, config, cache)
-        switch_s, first_lora_s = _lora_switch(pipe, catalogue, config, cache, args.repeats)
+        overhead_pct, aa_pct = _overhead(pipeline, request, args.repeats)
+        exact = _unet_counts(pipeline, request)
+        switch_s, first_lora_s = _lora_switch(pipeline.diffusers_pipeline, catalogue, config, args.repeats)
         base_loads = _base_loads(config)
     ratio = switch_s / base_load_s
     print(f"base pipeline load: {base_load_s * 1000:.1f} ms")
     print(f"(a) studio draft overhead over bare diffusers: {overhead_pct:.2f} % of wall time")
+    print(f"    A/A control (bare against bare): {aa_pct:.2f} %")
     print(f"(b) UNet evaluations exact (steps x 2 with CFG, x 1 without): {exact}")
     print(
         f"(c) LoRA first load {first_lora_s * 1000:.1f} ms; "
@@ -69,14 +73,16 @@ def main() -> None:
     )
     print(f"(d) base pipeline loads for 4 requests in one process: {base_loads}")
     print(
-        f"RESULT overhead_pct={overhead_pct:.3f} unet_calls_exact={int(exact)} lora_switch_ratio={ratio:.5f} "
-        f"base_loads={base_loads}"
+        f"RESULT overhead_pct={overhead_pct:.3f} aa_pct={aa_pct:.3f} unet_calls_exact={int(exact)} "
+        f"lora_switch_ratio={ratio:.5f} base_loads={base_loads}"
     )
 
 
-def _overhead(pipe, request, base, config, cache, repeats: int) -> float:
+def _overhead(pipeline, request, repeats: int) -> tuple[float, float]:
+    pipe = pipeline.diffusers_pipeline
+
     def studio_call() -> None:
-        list(render_draft(request, base, config, cache))
+        list(pipeline.render(request))
 
     def bare_call() -> None:
         generator = torch.Generator("cpu").manual_seed(request.seed)
@@ -91,21 +97,24 @@ def _overhead(pipe, request, base, config, cache, repeats: int) -> float:
         )
 
     studio_call(), bare_call()  # warm-up: scheduler tables, allocator
-    studio_t, bare_t = [], []
-    for _ in range(repeats):  # interleaved, so drift in machine load hits both sides alike
-        studio_t.append(_time(studio_call))
-        bare_t.append(_time(bare_call))
-    studio_s, bare_s = statistics.median(studio_t), statistics.median(bare_t)
+    times: dict[str, list[float]] = {"studio": [], "bare": [], "bare2": []}
+    calls = {"studio": studio_call, "bare": bare_call, "bare2": bare_call}
+    for k in range(repeats):  # interleaved, order rotated each round: drift hits every side alike
+        order = ["studio", "bare", "bare2"]
+        for name in order[k % 3 :] + order[: k % 3]:
+            times[name].append(_time(calls[name]))
+    studio_s, bare_s, bare2_s = (statistics.median(times[n]) for n in ("studio", "bare", "bare2"))
     print(
-        f"    studio draft {studio_s * 1000:.1f} ms, bare diffusers {bare_s * 1000:.1f} ms "
-        f"(medians of {repeats})"
+        f"    studio draft {studio_s * 1000:.1f} ms, bare diffusers {bare_s * 1000:.1f} ms and "
+        f"{bare2_s * 1000:.1f} ms (medians of {repeats})"
     )
-    return 100.0 * (studio_s - bare_s) / studio_s
+    return 100.0 * (studio_s - bare_s) / studio_s, 100.0 * (bare2_s - bare_s) / bare2_s
 
 
-def _unet_counts(pipe, request, base, config, cache) -> bool:
+def _unet_counts(pipeline, request) -> bool:
     evaluations: list[int] = []
-    handle = pipe.unet.register_forward_hook(lambda mod, args, out: evaluations.append(int(args[0].shape[0])))
+    unet = pipeline.diffusers_pipeline.unet
+    handle = unet.register_forward_hook(lambda mod, args, out: evaluations.append(int(args[0].shape[0])))
     ok = True
     try:
         for sampler in ("DPM++ 2M Karras", "Euler a", "DPM++ SDE Karras", "DDIM", "UniPC"):
@@ -124,7 +133,7 @@ def _unet_counts(pipe, request, base, config, cache) -> bool:
                             "height": 64,
                         }
                     )
-                    list(render_draft(varied, base, config, cache))
+                    list(pipeline.render(varied))
                     got, want = sum(evaluations) / count, 6 * per_step
                     ok &= got == want
                     print(
@@ -136,15 +145,16 @@ def _unet_counts(pipe, request, base, config, cache) -> bool:
     return ok
 
 
-def _lora_switch(pipe, catalogue, config, cache, repeats: int) -> tuple[float, float]:
-    kohya = resolve_lora("tiny-style-kohya", catalogue, config)
-    diffusers_layout = resolve_lora("tiny-style-diffusers", catalogue, config)
-    first = _time(lambda: apply_loras(pipe, [(kohya, 0.8)], config, cache))
-    apply_loras(pipe, [(diffusers_layout, 0.6)], config, cache)
+def _lora_switch(pipe, catalogue, config, repeats: int) -> tuple[float, float]:
+    kohya = resolve("tiny-style-kohya", "lora", config, catalogue)
+    diffusers_layout = resolve("tiny-style-diffusers", "lora", config, catalogue)
+    resident: OrderedDict[str, None] = OrderedDict()
+    first = _time(lambda: apply_loras(pipe, [(kohya, 0.8)], resident, config))
+    apply_loras(pipe, [(diffusers_layout, 0.6)], resident, config)
     switches = []
     for i in range(2 * repeats):
         style = [(kohya, 0.8)] if i % 2 else [(diffusers_layout, 0.6)]
-        switches.append(_time(lambda s=style: apply_loras(pipe, s, config, cache)))
+        switches.append(_time(lambda s=style: apply_loras(pipe, s, resident, config)))
     return statistics.median(switches), first
 
 
@@ -158,7 +168,7 @@ def _base_loads(config) -> int:
     ]
     for request in requests:
         studio.generate(request)
-    return sum(n for key, n in studio.cache.loads.items() if key[0] == "draft-base")
+    return sum(n for key, n in studio.cache.loads.items() if key[0] == "draft-pipeline")
 
 
 def _time(fn) -> float:

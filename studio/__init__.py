@@ -14,8 +14,8 @@ from studio._version import __version__
 
 _EXPORTS = {
     "Studio": "studio.pipeline",
-    "Draft": "studio.pipeline",
-    "Refined": "studio.pipeline",
+    "Draft": "studio.results",
+    "Refined": "studio.results",
     "GenerateRequest": "studio.request",
     "Recipe": "studio.recipe",
     "load_config": "studio.config",
@@ -23,9 +23,10 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from studio.config import load_config
-    from studio.pipeline import Draft, Refined, Studio
+    from studio.pipeline import Studio
     from studio.recipe import Recipe
     from studio.request import GenerateRequest
+    from studio.results import Draft, Refined
 
 
 def __getattr__(name: str) -> Any:

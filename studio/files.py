@@ -48,6 +48,8 @@ def atomic_writer(path: Path, *, exclusive: bool = False) -> Iterator[BinaryIO]:
     except FileExistsError:
         raise
     except OSError as err:
+        if err.errno is None:  # not the file system's: e.g. an encoder writing into the file failed
+            raise
         raise _output_error(path, err) from err
     finally:
         if tmp is not None:

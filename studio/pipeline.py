@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from studio.config import StudioConfig, config_from_dict, config_to_dict
 from studio.draft import DraftPipeline, DraftRequest, Progress, open_draft_pipeline, plan_batches
 from studio.draft.face import FaceCondition
+from studio.draft.request import check_draft
 from studio.errors import InputError, RefineError
 from studio.faces import (
     FaceModels,
@@ -35,18 +35,18 @@ from studio.faces import (
     refine_models,
 )
 from studio.faces.identity import EnrolReport, IdentityLibrary
-from studio.faces.quality import FaceQA
 from studio.faces.select import Cast
 from studio.files import sha256_file
-from studio.imageio import read_image, read_metadata, to_pil
+from studio.imageio import read_image, read_metadata
 from studio.models import open_catalogue
 from studio.models.cache import ModelCache
 from studio.models.catalogue import Catalogue
 from studio.models.resolve import resolve
 from studio.output import OutputSink
 from studio.prepare import build_draft_request
-from studio.recipe import DraftRecord, Recipe, RefineRecord, differences, environment, recipe_from_image
+from studio.recipe import Recipe, RefineRecord, differences, draft_record, environment, recipe_from_image
 from studio.request import GenerateRequest
+from studio.results import Draft, GenerateResult, Refined, Reproduction
 from studio.types import Identity, ImageBGR
 
 logger = logging.getLogger(__name__)
@@ -54,74 +54,6 @@ logger = logging.getLogger(__name__)
 REFINE_SKIPPED = "refine skipped: no --identity given, faces are left as drafted"
 TINY_NOTE = "tiny profile: random-weight models, the pictures are NOT portraits"
 TINY_DETECTOR_NOTE = "tiny profile: the face detector is a fixture (one face at a fixed place)"
-
-
-@dataclass(frozen=True, eq=False)
-class Draft:
-    """A rendered (or opened) picture and its recipe; ``source`` is the file it was opened from."""
-
-    image: ImageBGR  # HxWx3 uint8 BGR
-    recipe: Recipe
-    source: Path | None = None
-
-    @property
-    def pil(self) -> Image.Image:
-        """The picture as an RGB PIL image."""
-        return to_pil(self.image)
-
-
-@dataclass(frozen=True, eq=False)
-class Refined:
-    """A refined picture, its recipe, and what the refine did (``changed`` False: nothing was swapped)."""
-
-    image: ImageBGR  # HxWx3 uint8 BGR
-    recipe: Recipe
-    status: str  # ok, failed_qa, no_faces, too_few_faces, index_out_of_range
-    message: str
-    qa: tuple[FaceQA, ...] = ()
-    source: Path | None = None
-
-    @property
-    def changed(self) -> bool:
-        """True when faces were swapped (whether or not they passed QA)."""
-        return self.status in ("ok", "failed_qa")
-
-    @property
-    def pil(self) -> Image.Image:
-        """The picture as an RGB PIL image."""
-        return to_pil(self.image)
-
-    @property
-    def status_line(self) -> str:
-        """The refine message plus each swapped face's identity similarity (after, and before)."""
-        qa = "; ".join(
-            f"face {q.face_index} similarity {q.similarity_after:.3f} (was {q.similarity_before:.3f})"
-            + ("" if q.passed else " FAILED QA")
-            for q in self.qa
-        )
-        return f"{self.message}{'; ' + qa if qa else ''}"
-
-
-@dataclass(frozen=True)
-class GenerateResult:
-    """What a run wrote, each image's refine status, and how long each stage took."""
-
-    run_id: str
-    outputs: tuple[Path, ...]
-    config_file: Path
-    timings: dict[str, float]
-    notes: tuple[str, ...] = ()
-    statuses: tuple[str, ...] = ()  # one line per refined image: what the refine stage did
-    unchanged: tuple[str, ...] = ()  # refines that changed nothing (no file written for them)
-
-
-@dataclass(frozen=True)
-class Reproduction:
-    """A reproduced image, whether its pixels equal the original's, and what differs if they do not."""
-
-    result: GenerateResult
-    identical: bool
-    differences: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -156,15 +88,27 @@ class Studio:
 
     def iter_drafts(self, request: GenerateRequest, progress: Progress | None = None) -> Iterator[Draft]:
         """Render ``request`` batch by batch, yielding each Draft as its batch finishes."""
+        return self._render(request, self._plan(request), progress)
+
+    def _plan(self, request: GenerateRequest) -> tuple[DraftRequest, dict[str, Any], DraftPipeline]:
+        """Everything checked before any rendering: the draft request, its input files, the base model."""
         # 1. the draft request: style, template, LoRAs, pose, init image and face adapter resolved and checked
         face = self._face_condition(request)
         draft, inputs = build_draft_request(request, self.catalogue, self.config, self.cache, face)
+        check_draft(draft)
         # 2. the base model (resolved, licence-checked, loaded once per cache)
         pipeline = open_draft_pipeline(self.config.draft.model, self.catalogue, self.config, self.cache)
-        batch_of = {
-            s: batch for batch in plan_batches(draft.count, draft.batch_size, draft.seed) for s in batch
-        }
-        # 3. render, each image with its recipe
+        return draft, inputs, pipeline
+
+    def _render(
+        self,
+        request: GenerateRequest,
+        plan: tuple[DraftRequest, dict[str, Any], DraftPipeline],
+        progress: Progress | None,
+    ) -> Iterator[Draft]:
+        draft, inputs, pipeline = plan
+        batches = plan_batches(draft.count, draft.batch_size, draft.seed)
+        batch_of = {seed: batch for batch in batches for seed in batch}
         for seed, image in pipeline.render(draft, progress):
             yield Draft(image, self._draft_recipe(request, draft, pipeline, seed, batch_of[seed], inputs))
 
@@ -223,11 +167,12 @@ class Studio:
         timings: dict[str, float] = {"load": 0.0, "draft": 0.0}
         # 1. check everything before any work: models, licences, identities (consent), the output folder
         with _timed(timings, "load"):
+            plan = self._plan(request)
             setup = self._refine_setup(self._cast(request)) if self._refining(request) else None
-            sink, config_file = self._start_sink(None, request.to_dict())
+            sink, config_file = self._start_sink(None, request.to_dict())  # the run's request, kept first
         # 2. draft → refine → save, image by image (an interruption keeps the finished ones)
         outputs, statuses, unchanged = [], [], []
-        drafts = self.iter_drafts(request, progress)
+        drafts = self._render(request, plan, progress)
         while True:
             with _timed(timings, "draft"):
                 draft = next(drafts, None)
@@ -371,46 +316,7 @@ class Studio:
         batch: tuple[int, ...],
         inputs: dict[str, dict[str, str]],
     ) -> Recipe:
-        base = pipeline.base
-        models = {"draft.base": base.sha256}
-        models |= {f"draft.lora.{m.label}": m.sha256 for m, _ in draft.loras}
-        if draft.control is not None:
-            models["draft.controlnet"] = draft.control.model.sha256
-        if draft.face is not None:
-            models["draft.adapter"] = draft.face.weights_sha256
-        record = DraftRecord(
-            prompt=draft.prompt,
-            negative=draft.negative,
-            seed=seed,
-            batch_seeds=batch,
-            width=draft.width,
-            height=draft.height,
-            steps=draft.steps,
-            cfg=draft.cfg,
-            sampler=draft.sampler,
-            model={"label": base.label, "family": base.family, "sha256": base.sha256},
-            loras=tuple({"name": m.label, "sha256": m.sha256, "weight": w} for m, w in draft.loras),
-            strength=draft.strength if draft.init_image is not None else None,
-            control=None
-            if draft.control is None
-            else {
-                "model": draft.control.model.label,
-                "sha256": draft.control.model.sha256,
-                "scale": draft.control.scale,
-                "start": draft.control.start,
-                "end": draft.control.end,
-            },
-            adapter=None
-            if draft.face is None
-            else {
-                "kind": draft.face.kind,
-                "identity": draft.face.identity.name,
-                "identity_sha256": draft.face.identity_sha256,
-                "weights_sha256": draft.face.weights_sha256,
-                "scale": draft.face.scale,
-            },
-            inputs=inputs,
-        )
+        record, models = draft_record(draft, pipeline.base, seed, batch, inputs)
         return Recipe(
             request=request.to_dict(),
             config=config_to_dict(self.config),

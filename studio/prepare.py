@@ -12,6 +12,7 @@ from studio.config import StudioConfig
 from studio.draft import ControlSpec, DraftRequest
 from studio.draft.face import FaceCondition
 from studio.draft.pose import load_pose
+from studio.errors import ModelError
 from studio.files import sha256_file
 from studio.imageio import read_image
 from studio.models.cache import ModelCache
@@ -87,7 +88,7 @@ def _control(
         width=width,
         height=height,
         max_pixels=config.images.max_pixels,
-        detector_dir=config.models.dir / "annotators",
+        detector_dir=lambda: _annotator_folder(config, catalogue),  # only a photo needs the annotator
         source=request.pose_source,
         cache=cache,
     )
@@ -97,6 +98,22 @@ def _control(
         "source": request.pose_source,
     }
     return ControlSpec(model, image, request.control_scale, request.control_start, request.control_end)
+
+
+ANNOTATOR_FILES = ("openpose_body", "openpose_hand", "openpose_face")
+
+
+def _annotator_folder(config: StudioConfig, catalogue: Catalogue) -> Path:
+    """The folder holding the three catalogued OpenPose files (checked, licence applied)."""
+    paths = [resolve(name, "annotator", config, catalogue).path for name in ANNOTATOR_FILES]
+    folders = {p.parent for p in paths}
+    if len(folders) != 1:
+        found = ", ".join(sorted(map(str, folders)))
+        raise ModelError(
+            f"The OpenPose files must sit in one folder; found them in {found}.",
+            fix=f"move them together, or run `studio models pull {' '.join(ANNOTATOR_FILES)}`.",
+        )
+    return folders.pop()
 
 
 def _pick(style: StylePreset | None, key: str, default: Any) -> Any:

@@ -15,12 +15,15 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from studio._version import __version__
 from studio.errors import InputError
 from studio.imageio import format_parameters
 from studio.request import GenerateRequest
+
+if TYPE_CHECKING:  # annotations only: recipes stay light (no model library is imported)
+    from studio.draft import BaseModel, DraftRequest
 
 RECIPE_VERSION = 2
 LIBRARIES = ("torch", "diffusers", "transformers", "onnxruntime", "insightface", "peft")
@@ -172,6 +175,52 @@ class Recipe:
             raise InputError(
                 f"{where} is not valid JSON ({err}).", fix="use an image the studio wrote."
             ) from err
+
+
+def draft_record(
+    draft: DraftRequest, base: BaseModel, seed: int, batch: tuple[int, ...], inputs: Mapping[str, Any]
+) -> tuple[DraftRecord, dict[str, str]]:
+    """The record of image ``seed`` of ``draft`` (rendered in ``batch``), and the digests of its models."""
+    models = {"draft.base": base.sha256}
+    models |= {f"draft.lora.{m.label}": m.sha256 for m, _ in draft.loras}
+    if draft.control is not None:
+        models["draft.controlnet"] = draft.control.model.sha256
+    if draft.face is not None:
+        models["draft.adapter"] = draft.face.weights_sha256
+    record = DraftRecord(
+        prompt=draft.prompt,
+        negative=draft.negative,
+        seed=seed,
+        batch_seeds=batch,
+        width=draft.width,
+        height=draft.height,
+        steps=draft.steps,
+        cfg=draft.cfg,
+        sampler=draft.sampler,
+        model={"label": base.label, "family": base.family, "sha256": base.sha256},
+        loras=tuple({"name": m.label, "sha256": m.sha256, "weight": w} for m, w in draft.loras),
+        strength=draft.strength if draft.init_image is not None else None,
+        control=None
+        if draft.control is None
+        else {
+            "model": draft.control.model.label,
+            "sha256": draft.control.model.sha256,
+            "scale": draft.control.scale,
+            "start": draft.control.start,
+            "end": draft.control.end,
+        },
+        adapter=None
+        if draft.face is None
+        else {
+            "kind": draft.face.kind,
+            "identity": draft.face.identity.name,
+            "identity_sha256": draft.face.identity_sha256,
+            "weights_sha256": draft.face.weights_sha256,
+            "scale": draft.face.scale,
+        },
+        inputs=inputs,
+    )
+    return record, models
 
 
 def request_from_recipe(recipe: Recipe) -> GenerateRequest:

@@ -16,7 +16,16 @@ Landmark5: TypeAlias = npt.NDArray[np.float32]  # (5, 2) x, y in pixels: eyes, n
 Affine: TypeAlias = npt.NDArray[np.float64]  # (2, 3) forward affine, source px -> crop px
 
 ModelKind = Literal[
-    "sd15", "sdxl", "controlnet", "lora", "detector", "recognizer", "swapper", "upscaler", "adapter"
+    "sd15",
+    "sdxl",
+    "controlnet",
+    "lora",
+    "detector",
+    "recognizer",
+    "swapper",
+    "upscaler",
+    "adapter",
+    "annotator",
 ]
 MODEL_KINDS: tuple[ModelKind, ...] = get_args(ModelKind)
 

@@ -11,9 +11,10 @@ import pytest
 
 from studio.config import StudioConfig, load_config
 from studio.draft import DraftRequest
-from studio.pipeline import Draft, Studio
+from studio.pipeline import Studio
 from studio.recipe import Recipe
 from studio.request import GenerateRequest
+from studio.results import Draft
 
 FAST = {"steps": 3, "width": 64, "height": 64}
 

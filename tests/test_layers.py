@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "studio.request": 5,
     "studio.output": 5,
     "studio.prepare": 5,
+    "studio.results": 5,
     "studio.pipeline": 6,
     "studio.api": 6,
     "studio.cli": 7,

@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from studio.config import FaceSelect, StudioConfig, load_config
+from studio.config import FaceSelect, StudioConfig, limits, load_config
+from studio.request import GenerateRequest
 
 out = Console()
 err_console = Console(stderr=True)
@@ -28,7 +29,9 @@ Identity = Annotated[
     typer.Option("--identity", "-i", help="Refine faces to NAME, or 0=anna,1=kenji by face order."),
 ]
 Select = Annotated[FaceSelect | None, typer.Option("--select", help="Faces a single identity goes to.")]
-FaceIndex = Annotated[int, typer.Option("--face-index", min=0, help="With --select index.")]
+FaceIndex = Annotated[
+    int, typer.Option("--face-index", **limits(GenerateRequest, "face_index"), help="With --select index.")
+]
 Match = Annotated[str | None, typer.Option("--match", help="With --select similarity: reference identity.")]
 
 

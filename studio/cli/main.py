@@ -28,8 +28,16 @@ from studio.cli.common import (
 )
 from studio.cli.library import identity_app, styles_app
 from studio.cli.models import config_app, models_app
+from studio.config import DraftConfig, limits
 from studio.errors import InputError, StudioError
+from studio.request import GenerateRequest
 from studio.types import FaceAdapterKind, PoseSource, Sampler
+
+
+def _limits(name: str) -> dict[str, float]:
+    """An option's range, from its one definition (GenerateRequest's field metadata)."""
+    return limits(GenerateRequest, name)
+
 
 app = typer.Typer(
     help="Portrait Studio: text prompt → portrait.", pretty_exceptions_enable=False, no_args_is_help=True
@@ -53,27 +61,29 @@ def generate(
         list[str] | None, typer.Option("--var", help="Template variable: --var age=30.")
     ] = None,
     count: Annotated[
-        int, typer.Option("-n", "--count", min=1, max=1000, help="Images: seeds seed, seed+1, ...")
+        int, typer.Option("-n", "--count", **_limits("count"), help="Images: seeds seed, seed+1, ...")
     ] = 1,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, max=16, help="Images rendered at once.")
+        int, typer.Option("--batch-size", **_limits("batch_size"), help="Images rendered at once.")
     ] = 1,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the first image.")] = 42,
-    steps: Annotated[int | None, typer.Option("--steps", min=1, max=500)] = None,
-    cfg: Annotated[float | None, typer.Option("--cfg", min=0.0, max=50.0)] = None,
+    seed: Annotated[int, typer.Option("--seed", **_limits("seed"), help="Seed of the first image.")] = 42,
+    steps: Annotated[int | None, typer.Option("--steps", **limits(DraftConfig, "steps"))] = None,
+    cfg: Annotated[float | None, typer.Option("--cfg", **limits(DraftConfig, "cfg"))] = None,
     sampler: Annotated[Sampler | None, typer.Option("--sampler")] = None,
     width: Annotated[int | None, typer.Option("--width")] = None,
     height: Annotated[int | None, typer.Option("--height")] = None,
     loras: Annotated[list[str] | None, typer.Option("--lora", help="NAME[:WEIGHT], repeatable.")] = None,
     pose: Annotated[Path | None, typer.Option("--pose", help="Pose image, OpenPose JSON, or photo.")] = None,
     pose_source: Annotated[PoseSource, typer.Option("--pose-source")] = "auto",
-    control_scale: Annotated[float, typer.Option("--control-scale", min=0.0, max=2.0)] = 1.0,
-    control_start: Annotated[float, typer.Option("--control-start", min=0.0, max=1.0)] = 0.0,
-    control_end: Annotated[float, typer.Option("--control-end", min=0.0, max=1.0)] = 1.0,
+    control_scale: Annotated[float, typer.Option("--control-scale", **_limits("control_scale"))] = 1.0,
+    control_start: Annotated[float, typer.Option("--control-start", **_limits("control_start"))] = 0.0,
+    control_end: Annotated[float, typer.Option("--control-end", **_limits("control_end"))] = 1.0,
     init_image: Annotated[
         Path | None, typer.Option("--init-image", help="Re-draft this picture (img2img).")
     ] = None,
-    strength: Annotated[float, typer.Option("--strength", help="img2img: how much to change (0-1].")] = 0.75,
+    strength: Annotated[
+        float, typer.Option("--strength", **_limits("strength"), help="img2img: how much to change.")
+    ] = 0.75,
     identity: Identity = None,
     select: Select = None,
     face_index: FaceIndex = 0,
@@ -82,7 +92,7 @@ def generate(
         FaceAdapterKind | None, typer.Option("--adapter", help="Steer the draft toward --identity.")
     ] = None,
     adapter_scale: Annotated[
-        float | None, typer.Option("--adapter-scale", min=0.0, max=2.0, help="Adapter strength.")
+        float | None, typer.Option("--adapter-scale", **_limits("adapter_scale"), help="Adapter strength.")
     ] = None,
     output_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: config).")] = None,
     profile: Profile = "default",
@@ -92,8 +102,6 @@ def generate(
     verbose: Verbose = False,
 ) -> None:
     """Render portraits from a text prompt."""
-    from studio.request import GenerateRequest
-
     request = GenerateRequest(
         prompt=prompt,
         negative=negative,
@@ -141,8 +149,6 @@ def refine_command(
     verbose: Verbose = False,
 ) -> None:
     """Swap faces in existing images to enrolled identities (detect, swap, upscale, blend, QA)."""
-    from studio.request import GenerateRequest
-
     request = GenerateRequest(prompt="", identity=identity, select=select, face_index=face_index, match=match)
     studio, setup_s = make_studio(profile, config_file, overrides, output_dir, debug, verbose)
     report(studio.refine_files(images, request), setup_s)

@@ -73,6 +73,11 @@ class DraftPipeline:
             yield from zip(seeds, (from_pil(image) for image in images), strict=True)
 
     @property
+    def diffusers_pipeline(self) -> Any:
+        """The loaded txt2img diffusers pipeline, for inspection (benchmarks); change it only via render."""
+        return self._pipe
+
+    @property
     def device(self) -> torch.device:
         """Where the model runs."""
         return self._pipe.unet.device

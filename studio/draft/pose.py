@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias, get_args
 
@@ -87,7 +87,7 @@ def load_pose(
     width: int,
     height: int,
     max_pixels: int,
-    detector_dir: Path | None,
+    detector_dir: Path | Callable[[], Path] | None,
     source: PoseSource = "auto",
     cache: ModelCache | None = None,
 ) -> ImageRGB:
@@ -145,7 +145,7 @@ def pose_from_photo(
     width: int,
     height: int,
     max_pixels: int,
-    detector_dir: Path | None,
+    detector_dir: Path | Callable[[], Path] | None,
     cache: ModelCache | None = None,
 ) -> ImageRGB:
     """Detect the people's pose in a photo with controlnet_aux's OpenPose and draw it as a skeleton image."""
@@ -342,7 +342,12 @@ def _draw_points(image: ImageRGB, xy: _PointsPx, visible: _Visible, radius: int)
 
 # --- photos (controlnet_aux OpenPose, optional) -------------------------------------------------
 def _photo_to_pose(
-    image: ImageBGR, path: Path, width: int, height: int, detector_dir: Path | None, cache: ModelCache | None
+    image: ImageBGR,
+    path: Path,
+    width: int,
+    height: int,
+    detector_dir: Path | Callable[[], Path] | None,
+    cache: ModelCache | None,
 ) -> ImageRGB:
     # 1. the detector first: a missing package is the first thing to fix
     detector = _load_detector(path, detector_dir, cache)
@@ -368,7 +373,9 @@ def _prepare_photo(image: ImageBGR) -> ImageRGB:
     return np.ascontiguousarray(resized[:, :, ::-1])  # BGR -> RGB: the annotator takes RGB (model boundary)
 
 
-def _load_detector(path: Path, detector_dir: Path | None, cache: ModelCache | None) -> Any:
+def _load_detector(
+    path: Path, detector_dir: Path | Callable[[], Path] | None, cache: ModelCache | None
+) -> Any:
     """controlnet_aux's OpenposeDetector from ``detector_dir`` or the Hugging Face cache, loaded once."""
     try:
         from controlnet_aux import OpenposeDetector
@@ -379,6 +386,8 @@ def _load_detector(path: Path, detector_dir: Path | None, cache: ModelCache | No
             fix=f"install it: {_INSTALL}; put {_WEIGHTS} in the detector folder or the Hugging Face cache. "
             "Or pass a keypoints JSON or a ready skeleton image (source 'keypoints' or 'image') instead.",
         ) from err
+    if callable(detector_dir):  # resolved only now that a photo needs it (catalogue, checksums, licence)
+        detector_dir = detector_dir()
     if detector_dir is not None:
         _check_detector_dir(Path(detector_dir))
     source = str(detector_dir) if detector_dir is not None else _ANNOTATOR_REPO

@@ -399,3 +399,31 @@ def test_photo_without_people_is_an_input_error(
     with pytest.raises(InputError, match="no person"):
         pose_from_photo(astronaut_png, width=W, height=H, max_pixels=10**6, detector_dir=None)
     assert fake_controlnet_aux.sources == ["lllyasviel/Annotators"]
+
+
+def test_the_studio_takes_the_annotator_from_the_catalogue(
+    tmp_path: Path, fake_controlnet_aux: type[_FakeDetector], tiny_overrides: list[str]
+) -> None:
+    from dataclasses import replace
+
+    from studio.config import load_config
+    from studio.errors import LicenceError, ModelNotFoundError
+    from studio.models import open_catalogue
+    from studio.prepare import build_draft_request
+    from studio.request import GenerateRequest
+
+    config = load_config("tiny", overrides=tiny_overrides)
+    catalogue = open_catalogue(config)
+    assert {catalogue[n].kind for n in ("openpose_body", "openpose_hand", "openpose_face")} == {"annotator"}
+    photo = write_image(tmp_path / "photo.png", np.full((H, W, 3), 128, np.uint8))
+    request = GenerateRequest("x", pose=photo, pose_source="photo", width=W, height=H)
+    with pytest.raises(ModelNotFoundError, match=r"'openpose_body'.*studio models pull openpose_body"):
+        build_draft_request(request, catalogue, config, ModelCache())
+    strict = replace(config, commercial=True)  # CMU's OpenPose licence is non-commercial
+    with pytest.raises(LicenceError, match="openpose_body has licence 'CMU OpenPose"):
+        build_draft_request(request, catalogue, strict, ModelCache())
+    keypoints = _write_json(tmp_path / "p.json", [_keypoints(BODY18)])  # no annotator needed for these
+    draft, _ = build_draft_request(
+        replace(request, pose=keypoints, pose_source="auto"), catalogue, strict, ModelCache()
+    )
+    assert draft.control is not None and fake_controlnet_aux.sources == []

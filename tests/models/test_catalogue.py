@@ -48,6 +48,15 @@ def test_entry_lookup_by_kind_lists_choices() -> None:
         catalogue.entry("det_10g", "swapper")
 
 
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ('kind = "toaster"', "kind 'toaster'"),
+        ('sha256 = "abc"', "not 64 lowercase hex"),
+        ("size = -1\nextra = 1", "unknown keys ['extra']"),
+        ('source = { ftp = "x" }', "source"),
+    ],
+)
 def test_bad_entries_are_named(tmp_path: Path, body: str, fragment: str) -> None:
     base = {
         "kind": '"detector"',
