@@ -17,14 +17,13 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from studio.config import StudioConfig, config_from_dict, config_to_dict
-from studio.draft import DraftPipeline, DraftRequest, Progress, open_draft_pipeline, plan_batches
-from studio.draft.face import FaceCondition
-from studio.draft.request import check_draft
+from studio.draft import open_draft_pipeline
+from studio.draft.request import DraftRequest, FaceCondition, Progress, check_draft, plan_batches
 from studio.errors import InputError, RefineError
 from studio.faces import (
     FaceModels,
@@ -48,6 +47,9 @@ from studio.recipe import Recipe, RefineRecord, differences, draft_record, envir
 from studio.request import GenerateRequest
 from studio.results import Draft, GenerateResult, Refined, Reproduction
 from studio.types import Identity, ImageBGR
+
+if TYPE_CHECKING:
+    from studio.draft.pipeline import DraftPipeline
 
 logger = logging.getLogger(__name__)
 

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from studio.config import StudioConfig
-from studio.draft import ControlSpec, DraftRequest
-from studio.draft.face import FaceCondition
 from studio.draft.pose import load_pose
+from studio.draft.request import ControlSpec, DraftRequest, FaceCondition
 from studio.errors import ModelError
 from studio.files import sha256_file
 from studio.imageio import read_image

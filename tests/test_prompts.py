@@ -9,8 +9,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from studio.draft.embeds import PromptEmbeddings, encode_prompts
 from studio.errors import InputError, ModelError
-from studio.prompts import Fragment, PromptEmbeddings, encode_prompts, fill_template, parse_prompt
+from studio.prompts import Fragment, fill_template, parse_prompt
 
 W = 77  # CLIP window: bos + 75 tokens + eos
 

@@ -25,21 +25,9 @@ from studio.adapter.ipadapter import (
 from studio.adapter.tokens import identity_condition
 from studio.adapter.weights import load_adapter
 from studio.config import StudioConfig
-from studio.types import FaceAdapterKind, Identity
+from studio.draft.request import FaceCondition
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, eq=False)
-class FaceCondition:
-    """Which adapter steers the draft toward which identity, and how strongly."""
-
-    kind: FaceAdapterKind
-    weights: Path  # the adapter file (FACT safetensors, or the public FaceID .bin / its safetensors)
-    weights_sha256: str
-    identity: Identity
-    scale: float = 0.8
-    identity_sha256: str = ""  # the identity file's digest (recipes)
 
 
 @dataclass(eq=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -19,18 +19,17 @@ from PIL import Image
 
 from studio.compat import quiet_model_libraries
 from studio.config import StudioConfig
+from studio.draft.embeds import encode_prompts
 from studio.draft.face import FaceState, face_call_kwargs, prepare_face
 from studio.draft.load import BaseModel, Variant, load_base, load_variant
 from studio.draft.loras import apply_loras, unload_all
-from studio.draft.request import DraftRequest, check_draft, plan_batches
+from studio.draft.request import DraftRequest, Progress, check_draft, plan_batches
 from studio.draft.schedulers import make_scheduler
 from studio.imageio import from_pil, to_pil
 from studio.models.cache import ModelCache
 from studio.types import ImageBGR
 
 logger = logging.getLogger(__name__)
-
-Progress = Callable[[int, int], None]  # (steps done, steps in the whole request)
 
 
 class DraftPipeline:
@@ -135,8 +134,6 @@ def _step_callback(progress: Progress | None, done: int, total: int) -> dict[str
 def _forward_batch(
     pipe: Any, request: DraftRequest, seeds: tuple[int, ...], face: dict[str, Any], callback: dict[str, Any]
 ) -> list[Image.Image]:
-    from studio.prompts import encode_prompts  # compel: imported with the draft stage's first render
-
     n = len(seeds)
     embeds = encode_prompts(pipe, [request.prompt] * n, [request.negative] * n)
     kwargs: dict[str, Any] = {

@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from studio.config import MAX_BATCH, DraftConfig, check_value
-from studio.draft.face import FaceCondition
 from studio.errors import InputError
 from studio.models.resolve import ResolvedModel
-from studio.types import ImageBGR, ImageRGB, Sampler
+from studio.types import FaceAdapterKind, Identity, ImageBGR, ImageRGB, Sampler
+
+Progress = Callable[[int, int], None]  # (denoising steps done, steps in the whole request)
+
+
+@dataclass(frozen=True, eq=False)
+class FaceCondition:
+    """Which adapter steers the draft toward which identity, and how strongly."""
+
+    kind: FaceAdapterKind
+    weights: Path  # the adapter file (FACT safetensors, or the public FaceID .bin / its safetensors)
+    weights_sha256: str
+    identity: Identity
+    scale: float = 0.8
+    identity_sha256: str = ""  # the identity file's digest (recipes)
 
 
 @dataclass(frozen=True, eq=False)
