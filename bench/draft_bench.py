@@ -24,7 +24,7 @@ from _common import bench_args
 
 from studio.config import load_config
 from studio.draft import DraftPipeline, DraftRequest
-from studio.draft.load import resolve_base
+from studio.draft.base import resolve_base
 from studio.draft.loras import apply_loras
 from studio.models import open_catalogue
 from studio.models.cache import ModelCache

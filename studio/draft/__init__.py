@@ -11,26 +11,27 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from studio.draft.base import BaseModel
 from studio.draft.request import ControlSpec, DraftRequest, FaceCondition, Progress, plan_batches
 
 if TYPE_CHECKING:
     from studio.config import StudioConfig
-    from studio.draft.load import BaseModel
     from studio.draft.pipeline import DraftPipeline
     from studio.models.cache import ModelCache
     from studio.models.catalogue import Catalogue
 
-_LAZY = {"DraftPipeline": "studio.draft.pipeline", "BaseModel": "studio.draft.load"}
+_LAZY = {"DraftPipeline": "studio.draft.pipeline"}
 
 
 def open_draft_pipeline(
     model_ref: str, catalogue: Catalogue, config: StudioConfig, cache: ModelCache
 ) -> DraftPipeline:
     """The DraftPipeline of base model ``model_ref`` (resolved, licence-checked, loaded once per cache)."""
-    from studio.draft.load import resolve_base
+    from studio.draft.base import resolve_base
+
+    base = resolve_base(model_ref, catalogue, config)  # a bad reference fails before diffusers loads
     from studio.draft.pipeline import DraftPipeline
 
-    base = resolve_base(model_ref, catalogue, config)
     key = ("draft-pipeline", base.location, base.sha256, config.runtime.device, config.runtime.dtype)
     return cache.get(key, lambda: DraftPipeline(base, config, cache))
 

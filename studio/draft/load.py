@@ -1,38 +1,28 @@
-"""Base models for the draft stage: resolve a reference, load it once, derive pipeline variants.
+"""Loading base models for the draft stage (diffusers), and deriving pipeline variants.
 
-A reference is a catalogue name, a diffusers folder, a single ``.safetensors`` checkpoint (loaded offline
-with local component configs) or a Hugging Face repo id. Variants (img2img, ControlNet) are built with
-``from_pipe`` and share the base pipeline's modules, so nothing is loaded twice.
+Variants (img2img, ControlNet) are built with ``from_pipe`` and share the base pipeline's modules, so
+nothing is loaded twice. What a reference *is* (``studio.draft.base``) is decided before this module loads.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import diffusers
 import torch
-from diffusers import ControlNetModel, DiffusionPipeline
-from safetensors import safe_open
+from diffusers import ControlNetModel
 
 from studio.config import PerformanceConfig, StudioConfig
-from studio.errors import InputError
+from studio.draft.base import BaseModel, Family
 from studio.models.cache import ModelCache
-from studio.models.catalogue import Catalogue, ModelEntry
-from studio.models.resolve import ResolvedModel, resolve
+from studio.models.resolve import ResolvedModel
 from studio.models.runtime import choose_device, choose_dtype
-from studio.models.weights import check_weights_file
 
 logger = logging.getLogger(__name__)
 
-Family = Literal["sd15", "sdxl"]
 Variant = Literal["txt2img", "img2img"]
-_SDXL_KEY = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
 _PIPELINES: dict[tuple[Family, Variant, bool], str] = {
     ("sd15", "txt2img", False): "StableDiffusionPipeline",
     ("sd15", "img2img", False): "StableDiffusionImg2ImgPipeline",
@@ -43,37 +33,6 @@ _PIPELINES: dict[tuple[Family, Variant, bool], str] = {
     ("sdxl", "txt2img", True): "StableDiffusionXLControlNetPipeline",
     ("sdxl", "img2img", True): "StableDiffusionXLControlNetImg2ImgPipeline",
 }
-
-
-@dataclass(frozen=True)
-class BaseModel:
-    """A resolved draft base model."""
-
-    label: str  # what the user asked for
-    family: Family
-    source: Literal["single_file", "folder", "hub"]
-    location: str  # a path, or a Hugging Face repo id
-    config: str | None  # component configs for single files (a folder)
-    sha256: str  # of the checkpoint file (folders: tree_sha256); "" for hub repos
-    model: ResolvedModel  # what the resolver found: catalogue entry, licence
-
-
-def resolve_base(ref: str, catalogue: Catalogue, config: StudioConfig) -> BaseModel:
-    """Turn a model reference into a BaseModel (through the one resolver: checked, licence applied)."""
-    model = resolve(ref, "base", config, catalogue)
-    entry = model.entry
-    index = model.path / "model_index.json"
-    if (entry is not None and entry.format == "diffusers") or index.is_file():
-        family = _family(config, entry, lambda: _index_family(json.loads(index.read_text())))
-        return BaseModel(ref, family, "folder", model.location, None, model.sha256, model)
-    if model.sha256 == "":  # a Hugging Face repo id
-        family = _family(config, None, lambda: _index_family(DiffusionPipeline.load_config(ref)))
-        return BaseModel(ref, family, "hub", ref, None, "", model)
-    family = _family(config, entry, lambda: _single_file_family(model.path))
-    own = entry.config if entry and entry.config and Path(entry.config).is_dir() else None
-    return BaseModel(
-        ref, family, "single_file", model.location, own or _base_config(family, config), model.sha256, model
-    )
 
 
 def load_base(base: BaseModel, config: StudioConfig) -> Any:
@@ -103,41 +62,6 @@ def load_variant(
     variant_pipe = cls.from_pipe(pipe, **extra)
     variant_pipe.set_progress_bar_config(disable=True)  # progress goes to the request's callback
     return variant_pipe
-
-
-def _base_config(family: Family, config: StudioConfig) -> str:
-    """Shipped component configs (configs/base/<family>) so single files load with no network."""
-    from studio.draft.base_configs import ensure_base_config
-
-    return str(ensure_base_config(family, config.models.dir / "base-configs"))
-
-
-def _family(config: StudioConfig, entry: ModelEntry | None, infer: Callable[[], Family]) -> Family:
-    if entry is not None:
-        return entry.kind  # type: ignore[return-value]  # the catalogue says which family
-    if config.draft.family != "auto":
-        return config.draft.family
-    family = infer()
-    logger.info("draft.family = auto: treating the model as %s", family)
-    return family
-
-
-def _single_file_family(path: Path) -> Family:
-    if check_weights_file(path, allow_pickle=True) != "safetensors":
-        raise InputError(f"Cannot tell whether {path.name} is SD 1.5 or SDXL.", fix="set draft.family.")
-    with safe_open(str(path), framework="pt") as handle:
-        return "sdxl" if _SDXL_KEY in handle.keys() else "sd15"  # noqa: SIM118  (safe_open is not a dict)
-
-
-def _index_family(index: dict[str, Any]) -> Family:
-    name = str(index.get("_class_name", ""))
-    if "XL" in name:
-        return "sdxl"
-    if name.startswith("StableDiffusion"):
-        return "sd15"
-    raise InputError(
-        f"Model class {name!r} is not Stable Diffusion 1.5 or XL.", fix="pick an SD 1.5/SDXL model."
-    )
 
 
 def _load_base(base: BaseModel, perf: PerformanceConfig, device: torch.device, dtype: torch.dtype) -> Any:

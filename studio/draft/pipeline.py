@@ -19,9 +19,10 @@ from PIL import Image
 
 from studio.compat import quiet_model_libraries
 from studio.config import StudioConfig
+from studio.draft.base import BaseModel
 from studio.draft.embeds import encode_prompts
 from studio.draft.face import FaceState, face_call_kwargs, prepare_face
-from studio.draft.load import BaseModel, Variant, load_base, load_variant
+from studio.draft.load import Variant, load_base, load_variant
 from studio.draft.loras import apply_loras, unload_all
 from studio.draft.request import DraftRequest, Progress, check_draft, plan_batches
 from studio.draft.schedulers import make_scheduler

@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 
 from studio.config import StudioConfig
-from studio.draft.load import resolve_base
+from studio.draft.base import resolve_base
 from studio.errors import InputError, ModelError, UnsafeFileError
 from studio.imageio import read_image, read_metadata, write_image
 from studio.pipeline import Studio
