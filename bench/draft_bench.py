@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from _common import bench_args
 
+from studio.compat import quiet_model_libraries
 from studio.config import load_config
 from studio.draft import DraftPipeline, DraftRequest
 from studio.draft.base import resolve_base
@@ -149,8 +150,9 @@ def _lora_switch(pipe, catalogue, config, repeats: int) -> tuple[float, float]:
     kohya = resolve("tiny-style-kohya", "lora", config, catalogue)
     diffusers_layout = resolve("tiny-style-diffusers", "lora", config, catalogue)
     resident: OrderedDict[str, None] = OrderedDict()
-    first = _time(lambda: apply_loras(pipe, [(kohya, 0.8)], resident, config))
-    apply_loras(pipe, [(diffusers_layout, 0.6)], resident, config)
+    with quiet_model_libraries():  # as DraftPipeline does: no third-party loading chatter
+        first = _time(lambda: apply_loras(pipe, [(kohya, 0.8)], resident, config))
+        apply_loras(pipe, [(diffusers_layout, 0.6)], resident, config)
     switches = []
     for i in range(2 * repeats):
         style = [(kohya, 0.8)] if i % 2 else [(diffusers_layout, 0.6)]
