@@ -17,9 +17,14 @@ demo: setup
 	$(UV) run --frozen studio identity add demo-astronaut outputs/demo/astronaut.png --replace --profile tiny --consent "demo: scikit-image sample photo, public domain"
 	$(UV) run --frozen studio generate "$(PROMPT)" --profile tiny -n 2 --identity demo-astronaut
 
+# sd-parsers (an independent A1111 infotext parser) lives in its own venv: the tests read our metadata with it.
+SD_PARSERS := sd-parsers==0.6
+
 test: setup
+	$(UV) venv --quiet --allow-existing --python 3.11 .venv-sdparsers
+	$(UV) pip install --quiet --python .venv-sdparsers/bin/python "$(SD_PARSERS)"
 	$(UV) run --frozen ruff check .
-	$(UV) run --frozen pytest
+	STUDIO_SD_PARSERS_PYTHON=$(CURDIR)/.venv-sdparsers/bin/python $(UV) run --frozen pytest
 
 lint: setup
 	$(UV) run --frozen ruff check .

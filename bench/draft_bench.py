@@ -118,7 +118,7 @@ def _unet_counts(pipeline, request) -> bool:
     handle = unet.register_forward_hook(lambda mod, args, out: evaluations.append(int(args[0].shape[0])))
     ok = True
     try:
-        for sampler in ("DPM++ 2M Karras", "Euler a", "DPM++ SDE Karras", "DDIM", "UniPC"):
+        for sampler in ("DPM++ 2M Karras", "Euler a", "DPM++ 2M SDE Karras", "DDIM", "UniPC"):
             for cfg, per_step in ((7.0, 2), (1.0, 1)):
                 for count in (1, 2):
                     evaluations.clear()

@@ -8,6 +8,7 @@ what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import logging
 import os
 import tomllib
@@ -26,6 +27,7 @@ from studio.types import Device, DType, Sampler
 logger = logging.getLogger(__name__)
 
 OnnxProviders = Literal["auto", "cpu", "cuda", "coreml"]
+ShippedFolder = Literal["configs", "prompts"]  # top-level folders that ship inside the wheel
 MAX_BATCH = 16  # images rendered at once (draft.batch_size, --batch-size)
 PROFILES_NOTE = "profiles are the configs/*.toml files other than models.toml and train_*.toml"
 
@@ -33,7 +35,28 @@ PROFILES_NOTE = "profiles are the configs/*.toml files other than models.toml an
 def config_dir() -> Path:
     """The folder holding default.toml, tiny.toml and models.toml (STUDIO_CONFIG_DIR overrides)."""
     env = os.environ.get("STUDIO_CONFIG_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+    return Path(env) if env else shipped_dir("configs")
+
+
+def shipped_dir(name: ShippedFolder) -> Path:
+    """A folder the studio ships: the checkout's top-level one, else the installed package's copy."""
+    project = project_dir()
+    if project is not None:
+        return project / name
+    # a wheel carries configs/ and prompts/ as package data under studio/_data/ (see pyproject.toml)
+    folder = importlib.resources.files("studio").joinpath("_data", name)
+    if not isinstance(folder, Path):
+        raise ConfigError(
+            f"the studio's {name}/ folder is inside an archive ({folder}); expected files on disk.",
+            fix="install portrait-studio as an unpacked wheel (pip / uv install it), not from a zip",
+        )
+    return folder
+
+
+def project_dir() -> Path | None:
+    """The checkout the studio runs from (top-level configs/, prompts/, loras/); None when installed."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "configs").is_dir() else None
 
 
 def bounds(lo: float, hi: float, *, multiple: int | None = None) -> dict[str, float]:
@@ -132,7 +155,8 @@ class DraftConfig:
     sampler: Sampler = "DPM++ 2M Karras"
     negative: str = "lowres, blurry, deformed face, bad anatomy, extra fingers, watermark, text"
     controlnet: str = "controlnet_openpose_sd15"  # used with --pose (SDXL: controlnet_openpose_sdxl)
-    lora_dir: Path | None = None  # default: loras/ beside configs/
+    lora_dir: Path | None = None  # default: the checkout's loras/ (installed: <models.dir>/lora)
+    cap_styles: bool = False  # true: a style preset cannot raise width, height or steps above these
     max_loaded_loras: int = field(default=8, metadata=bounds(1, 64))
 
     def __post_init__(self) -> None:
@@ -229,6 +253,7 @@ class StudioConfig:
     draft: DraftConfig = DraftConfig()
     refine: RefineConfig = RefineConfig()
     adapter: AdapterConfig = AdapterConfig()
+    explicit_keys: tuple[str, ...] = ()  # keys set by --set or --config: they beat style presets
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -243,12 +268,15 @@ def load_config(
     table = _read_toml(folder / "default.toml")
     if profile != "default":
         table = _merge(table, _read_toml(_profile_file(folder, profile)))
-    if user_file is not None:
-        table = _merge(table, _read_toml(Path(user_file)))
-    for item in overrides:
-        table = _merge(table, _parse_override(item))
+    explicit: set[str] = set()
+    layers = [_read_toml(Path(user_file))] if user_file is not None else []
+    layers += [_parse_override(item) for item in overrides]
+    for layer in layers:
+        table = _merge(table, layer)
+        explicit |= set(_dotted_keys(layer))
     table.pop("extends", None)
     table["profile"] = profile
+    table["explicit_keys"] = sorted(explicit)
     # 2. validate into frozen objects
     config = _build(StudioConfig, table, prefix="")
     logger.debug("loaded config profile=%s", profile)
@@ -276,6 +304,17 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return str(value) if isinstance(value, Path) else value
+
+
+def _dotted_keys(table: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``{"draft": {"steps": 9}}`` → ``["draft.steps"]``."""
+    keys = []
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            keys += _dotted_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def _profile_file(folder: Path, profile: str) -> Path:

@@ -23,7 +23,8 @@ from typing import Any
 from studio.config import StudioConfig, config_to_toml
 from studio.files import atomic_writer, remove_stale_temps
 from studio.imageio import write_image
-from studio.recipe import Recipe, a1111_parameters
+from studio.infotext import a1111_parameters
+from studio.recipe import Recipe
 from studio.types import ImageBGR
 
 logger = logging.getLogger(__name__)

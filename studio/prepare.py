@@ -17,7 +17,7 @@ from studio.imageio import read_image
 from studio.models.cache import ModelCache
 from studio.models.catalogue import Catalogue
 from studio.models.resolve import resolve
-from studio.prompts import fill_template
+from studio.prompts import check_prompt, fill_template
 from studio.request import GenerateRequest
 from studio.styles import StylePreset, load_style
 from studio.types import ImageBGR
@@ -32,26 +32,27 @@ def build_draft_request(
 ) -> tuple[DraftRequest, dict[str, Any]]:
     """The draft request, and the input files it used (path + sha256, for the recipe)."""
     style = load_style(request.style) if request.style else None
-    defaults = config.draft
     text = style.prompt.replace("{prompt}", request.prompt) if style else request.prompt
-    negative = (
-        request.negative if request.negative is not None else _pick(style, "negative", defaults.negative)
-    )
-    width = request.width or _pick(style, "width", defaults.width)
-    height = request.height or _pick(style, "height", defaults.height)
+    pick = _Precedence(style, config)
+    negative = request.negative if request.negative is not None else pick("negative")
+    width = request.width or pick("width")
+    height = request.height or pick("height")
     style_loras = tuple((lo.name, lo.weight) for lo in style.loras) if style else ()
     loras = tuple((resolve(n, "lora", config, catalogue), w) for n, w in style_loras + request.loras)
     inputs: dict[str, Any] = {}
+    prompt, negative = fill_template(text, request.variables), fill_template(negative, request.variables)
+    check_prompt(prompt)  # unsupported A1111 syntax fails before any model loads
+    check_prompt(negative)
     draft = DraftRequest(
-        prompt=fill_template(text, request.variables),
-        negative=fill_template(negative, request.variables),
+        prompt=prompt,
+        negative=negative,
         seed=request.seed,
         count=request.count,
         width=width,
         height=height,
-        steps=request.steps or _pick(style, "steps", defaults.steps),
-        cfg=request.cfg if request.cfg is not None else _pick(style, "cfg", defaults.cfg),
-        sampler=request.sampler or _pick(style, "sampler", defaults.sampler),
+        steps=request.steps or pick("steps"),
+        cfg=request.cfg if request.cfg is not None else pick("cfg"),
+        sampler=request.sampler or pick("sampler"),
         batch_size=request.batch_size,
         loras=loras,
         init_image=_init_image(request.init_image, config, inputs),
@@ -115,5 +116,22 @@ def _annotator_folder(config: StudioConfig, catalogue: Catalogue) -> Path:
     return folders.pop()
 
 
-def _pick(style: StylePreset | None, key: str, default: Any) -> Any:
-    return getattr(style, key) if style is not None else default
+class _Precedence:
+    """A draft setting by precedence: (the request, by the caller) > --set/--config > style > profile.
+
+    With ``draft.cap_styles`` (tiny) a style cannot raise width, height or steps above the profile.
+    """
+
+    _CAPPED = ("width", "height", "steps")
+
+    def __init__(self, style: StylePreset | None, config: StudioConfig) -> None:
+        self.style, self.config = style, config
+
+    def __call__(self, key: str) -> Any:
+        ours = getattr(self.config.draft, key)
+        if self.style is None or f"draft.{key}" in self.config.explicit_keys:
+            return ours
+        theirs = getattr(self.style, key)
+        if self.config.draft.cap_styles and key in self._CAPPED:
+            return min(theirs, ours)
+        return theirs

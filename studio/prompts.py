@@ -1,6 +1,9 @@
 """Prompt text: templates, A1111 attention syntax, BREAK (pure text; the encoding is studio.draft.embeds).
 
-``parse_prompt`` follows AUTOMATIC1111's ``parse_prompt_attention`` rule for rule.
+``parse_prompt`` follows AUTOMATIC1111's ``parse_prompt_attention`` rule for rule. A1111 syntax this studio
+does not implement is refused by ``check_prompt`` with an error naming the construct, never rendered as
+text: prompt editing ``[from:to:when]``, alternation ``[a|b]``, composable diffusion ``a AND b`` and
+extra-network tags such as ``<lora:name:0.8>`` (LoRAs are loaded with ``--lora`` or a style preset).
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ _RE_ATTENTION = re.compile(
     re.X,
 )
 _RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_RE_AND = re.compile(r"\bAND\b")  # A1111 get_multicond_prompt_list's ``re_AND``: an uppercase separate word
+_RE_EXTRA_NETWORK = re.compile(r"<(\w[\w-]*):([^>]+)>")  # A1111 extra_networks' ``<name:args>`` tags
+_OPENING = {")": "(", "]": "["}
+_RE_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")  # lark's SIGNED_NUMBER
 _PLACEHOLDER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -56,6 +63,7 @@ class Fragment:
 
 def parse_prompt(text: str) -> list[list[Fragment]]:
     """Parse A1111 attention syntax into BREAK-separated segments of weighted fragments."""
+    check_prompt(text)
     parsed = _parse_attention(text)  # [text | None, weight]; None marks a BREAK
     segments: list[list[list]] = [[]]
     for item in parsed:
@@ -67,6 +75,60 @@ def parse_prompt(text: str) -> list[list[Fragment]]:
     if len(segments) > 1 and not "".join(t for t, _ in segments[-1]).strip():
         segments.pop()
     return [_normalize_segment(segment) for segment in segments]
+
+
+def check_prompt(text: str) -> None:
+    """Refuse A1111 prompt syntax this studio does not implement, naming the construct and the fix."""
+    tag = _RE_EXTRA_NETWORK.search(text)
+    if tag is not None:
+        raise InputError(
+            f"Prompt {text!r} contains the A1111 extra-network tag {tag.group(0)!r}; this studio does not "
+            "read <lora:...> or other <kind:...> tags from the prompt.",
+            fix="remove the tag and load LoRAs with --lora NAME:WEIGHT or a style preset's loras.",
+        )
+    for fragment, construct in _bracket_constructs(text):
+        syntax = "[from:to:when]" if construct == "prompt editing" else "[a|b]"
+        raise InputError(
+            f"Prompt {text!r} uses A1111 {construct} {fragment!r} ({syntax}), which this studio does not "
+            "support.",
+            fix="write the words you want without it, or escape the brackets as \\[ and \\] to keep "
+            "them as text.",
+        )
+    joined = _RE_AND.search(text)
+    if joined is not None:
+        start, end = max(joined.start() - 20, 0), joined.end() + 20
+        raise InputError(
+            f"Prompt {text!r} uses A1111 composable diffusion ('AND' in {text[start:end]!r}), which this "
+            "studio does not support.",
+            fix="write 'and' in lower case, or a comma, instead of AND; BREAK starts a new 77-token window.",
+        )
+
+
+def _bracket_constructs(text: str) -> list[tuple[str, str]]:
+    """The ``[...]`` groups of ``text`` that A1111 reads as prompt editing or alternation, innermost first."""
+    found: list[tuple[str, str]] = []
+    # open brackets: (bracket, start, positions of its own top-level ':' and of its '|')
+    frames: list[tuple[str, int, list[int], list[int]]] = []
+    escaped = False
+    for position, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char in "([":
+            frames.append((char, position, [], []))
+        elif char in ":|" and frames:
+            frames[-1][2 if char == ":" else 3].append(position)
+        elif char in ")]" and frames and frames[-1][0] == _OPENING[char]:
+            bracket, start, colons, pipes = frames.pop()
+            if bracket != "[":
+                continue
+            fragment = text[start : position + 1]
+            if pipes:
+                found.append((fragment, "alternation"))
+            elif colons and _RE_NUMBER.fullmatch(text[colons[-1] + 1 : position].strip()):
+                found.append((fragment, "prompt editing"))
+    return found
 
 
 def _parse_attention(text: str) -> list[list]:

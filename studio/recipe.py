@@ -5,12 +5,15 @@ text is made from them, and campaigns key their items by them. A recipe holds th
 template and variables, not the rendered text), the resolved config, every model file's sha256, identity
 file digests, one record per stage, and for a re-faced image the source image's own recipe as its parent.
 Its draft part has its own key, so a draft can be rendered once and shared by every identity and refine.
+
+The A1111 ``parameters`` text made from a recipe: ``studio.infotext``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import metadata
@@ -19,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from studio._version import __version__
 from studio.errors import InputError
-from studio.imageio import format_parameters
+from studio.infotext import a1111_hash
 from studio.request import GenerateRequest
 
 if TYPE_CHECKING:  # annotations only: recipes stay light (no model library is imported)
@@ -28,6 +31,8 @@ if TYPE_CHECKING:  # annotations only: recipes stay light (no model library is i
 RECIPE_VERSION = 2
 LIBRARIES = ("torch", "diffusers", "transformers", "onnxruntime", "insightface", "peft")
 _PATH_KEYS = ("output_dir",)  # config keys that say where, not what (ignored when comparing and keying)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ class DraftRecord:
     cfg: float
     sampler: str
     model: Mapping[str, str]  # label, family, sha256
-    loras: tuple[Mapping[str, Any], ...] = ()  # name, sha256, weight
+    loras: tuple[Mapping[str, Any], ...] = ()  # name, sha256, weight, a1111_hash (None for a folder)
     strength: float | None = None  # img2img only
     control: Mapping[str, Any] | None = None  # model, sha256, scale, start, end
     adapter: Mapping[str, Any] | None = None  # kind, identity, identity_sha256, weights_sha256, scale
@@ -198,7 +203,10 @@ def draft_record(
         cfg=draft.cfg,
         sampler=draft.sampler,
         model={"label": base.label, "family": base.family, "sha256": base.sha256},
-        loras=tuple({"name": m.label, "sha256": m.sha256, "weight": w} for m, w in draft.loras),
+        loras=tuple(
+            {"name": m.label, "sha256": m.sha256, "weight": w, "a1111_hash": a1111_hash(m.path, m.sha256)}
+            for m, w in draft.loras
+        ),
         strength=draft.strength if draft.init_image is not None else None,
         control=None
         if draft.control is None
@@ -236,34 +244,6 @@ def recipe_from_image(data: Mapping[str, Any] | None, path: Path) -> Recipe:
             fix="reproduce an image written by `studio generate` or `refine`.",
         )
     return Recipe.from_dict(data, str(path))
-
-
-def a1111_parameters(recipe: Recipe) -> str | None:
-    """The A1111 ``parameters`` text of an output: its draft's (or its source's), plus the face swap."""
-    draft = recipe.draft or (recipe.parent.draft if recipe.parent else None)
-    if draft is None:
-        return (recipe.source or {}).get("parameters")
-    settings: dict[str, object] = {
-        "Steps": draft.steps,
-        "Sampler": draft.sampler,
-        "CFG scale": draft.cfg,
-        "Seed": draft.seed,
-        "Size": f"{draft.width}x{draft.height}",
-        "Model hash": draft.model["sha256"][:10],
-        "Model": draft.model["label"],
-    }
-    if draft.strength is not None:
-        settings["Denoising strength"] = draft.strength
-    if draft.loras:
-        settings["Lora hashes"] = ", ".join(f"{lo['name']}: {lo['sha256'][:12]}" for lo in draft.loras)
-    if draft.adapter is not None:
-        adapter = draft.adapter
-        settings["Face adapter"] = f"{adapter['kind']} {adapter['identity']} scale {adapter['scale']}"
-    if draft.control is not None:
-        settings["ControlNet"] = f"{draft.control['model']} weight {draft.control['scale']}"
-    if recipe.refine is not None:
-        settings["Face swap"] = recipe.refine.cast
-    return format_parameters(draft.prompt, draft.negative, settings)
 
 
 def environment(device: str) -> dict[str, str]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
-from studio.config import config_dir
+from studio.config import shipped_dir
 from studio.errors import InputError
 from studio.types import SAMPLERS, Sampler
 
@@ -43,8 +43,8 @@ class StylePreset:
 
 
 def styles_dir() -> Path:
-    """The folder holding the shipped presets (``prompts/`` beside ``configs/``)."""
-    return config_dir().parent / "prompts"
+    """The folder of shipped presets: the checkout's ``prompts/`` or the installed package's copy."""
+    return shipped_dir("prompts")
 
 
 def list_styles(folder: Path | None = None) -> list[StylePreset]:

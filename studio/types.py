@@ -38,8 +38,8 @@ DTYPES: tuple[DType, ...] = get_args(DType)
 ModelStatus = Literal["present", "missing", "corrupt", "unverified"]
 
 Sampler = Literal[
-    "Euler a", "Euler", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE Karras", "DDIM", "UniPC", "LCM"
-]  # AUTOMATIC1111 sampler names
+    "Euler a", "Euler", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE Karras", "DDIM", "UniPC", "LCM"
+]  # AUTOMATIC1111's full (pre-1.9) sampler names
 SAMPLERS: tuple[Sampler, ...] = get_args(Sampler)
 
 PoseSource = Literal["auto", "image", "keypoints", "photo"]  # what a --pose file is

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import typer
+
+import studio
 from studio.imageio import read_image, read_metadata
 
 STUDIO = [sys.executable, "-c", "from studio.cli import main; main()"]
 
 
-def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "220"}  # a wide terminal, so rich tables do not wrap names
+def _run(*args: str, cwd: Path | None = None, columns: int = 220) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": str(columns)}  # wide by default, so rich tables do not wrap names
     return subprocess.run([*STUDIO, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
 
 
@@ -32,8 +37,11 @@ def test_generate_tiny_end_to_end(tiny_overrides: list[str], tmp_path: Path) -> 
         "--seed",
         "7",
         *_sets(tiny_overrides),
+        columns=40,  # a narrow pipe: printed paths must still come out whole, one per line
     )
     assert proc.returncode == 0, proc.stderr
+    wrote = [line.removeprefix("wrote ") for line in proc.stdout.splitlines() if line.startswith("wrote ")]
+    assert sorted(wrote) == sorted(str(p) for p in (tmp_path / "out").glob("*.png"))
     assert "NOT portraits" in proc.stdout
     assert "draft" in proc.stdout and "refine skipped: no --identity given" in proc.stdout
     outputs = sorted((tmp_path / "out").glob("*.png"))
@@ -109,3 +117,63 @@ def test_a_damaged_model_file_is_one_line(tiny_overrides: list[str], tiny_kit: P
         assert proc.returncode == 4 and "Traceback" not in proc.stderr, proc.stderr
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and path.name in lines[0] and problem in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["generate", "elf", "--seed", "abc"], "Invalid value for '--seed'"),
+        (["generate", "elf", "--sampler", "euler"], "'euler' is not one of"),
+        (["generate", "elf", "--steps", "0"], "Invalid value for '--steps'"),
+        (["generate", "elf", "--bogus"], "No such option: --bogus"),
+        (["generate"], "Missing argument 'prompt'"),
+        (["gen", "x"], "No such command 'gen'"),
+        (["identity", "add", "anna"], "Missing argument 'photos'"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(args: list[str], fragment: str) -> None:
+    proc = _run(*args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2 and fragment in lines[0] and lines[1].startswith("usage: see `studio"), lines
+
+
+def test_no_arguments_prints_help_and_version_prints_the_version() -> None:
+    bare = _run()
+    assert bare.returncode == 0 and "Usage: studio" in bare.stdout and "generate" in bare.stdout
+    assert bare.stderr == ""
+    version = _run("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"studio {studio.__version__}"
+
+
+def test_every_option_has_help_and_shows_its_default() -> None:
+    from studio.cli.main import app
+
+    def walk(command: object, path: str) -> list[tuple[str, object]]:
+        found = [(path, command)]
+        for name, sub in getattr(command, "commands", {}).items():
+            found += walk(sub, f"{path} {name}")
+        return found
+
+    commands = walk(typer.main.get_command(app), "studio")
+    assert len(commands) > 15
+    for path, command in commands:
+        for param in command.params:  # type: ignore[attr-defined]
+            if param.param_type_name == "option" and param.name != "help":
+                assert param.help, f"{path} --{param.name} has no help text"
+                assert param.show_default is not False, f"{path} --{param.name} hides its default"
+
+
+def test_json_result_and_reproduce_under_the_recipes_profile(
+    tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    made = _run("generate", "x", "--profile", "tiny", "--json", *_sets(tiny_overrides))
+    assert made.returncode == 0, made.stderr
+    result = json.loads(made.stdout)
+    assert len(result["outputs"]) == 1 and Path(result["outputs"][0]).is_file() and result["run_id"]
+    assert set(result["timings_s"]) >= {"setup", "load", "draft", "write"}
+    again = _run(
+        "reproduce", result["outputs"][0], "--json", "--set", f"output_dir={str(tmp_path / 'again')!r}"
+    )
+    assert again.returncode == 0, again.stderr  # no --profile tiny: the recipe says which profile
+    assert json.loads(again.stdout)["identical"] is True

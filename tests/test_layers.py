@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "studio.draft": 4,
     "studio.faces": 4,
     "studio.recipe": 5,
+    "studio.infotext": 5,
     "studio.request": 5,
     "studio.output": 5,
     "studio.prepare": 5,

@@ -62,7 +62,12 @@ PARSE_TABLE = [
     ("a:1.3)", [[("a:1.3)", 1.0)]]),
     ("(a:1.3", [[("a:1.3", 1.1)]]),
     ("a: b", [[("a: b", 1.0)]]),
-    ("[a:1.3]", [[("a:1.3", 1 / 1.1)]]),
+    ("[a:b]", [[("a:b", 1 / 1.1)]]),  # no number after the last ':': not prompt editing in A1111 either
+    (r"\[a:b:0.5\]", [[("[a:b:0.5]", 1.0)]]),  # escaped: literal text
+    (r"[a\|b]", [[("a|b", 1 / 1.1)]]),
+    ("a | b", [[("a | b", 1.0)]]),  # '|' outside brackets is text
+    ("SANDY band, ANDY, x_AND_y, rock and roll", [[("SANDY band, ANDY, x_AND_y, rock and roll", 1.0)]]),
+    ("a <b> c", [[("a <b> c", 1.0)]]),
     ("(a)(b)", [[("ab", 1.1)]]),
     ("a (b) c", [[("a ", 1.0), ("b", 1.1), (" c", 1.0)]]),
     ("(a)[b]", [[("a", 1.1), ("b", 1 / 1.1)]]),
@@ -135,6 +140,39 @@ def test_parse_prompt_rejects_unusable_weights(text: str, named: str) -> None:
         parse_prompt(text)
     assert named in str(err.value)
     assert "(word:1.2)" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "construct", "fragment"),
+    [
+        ("a [cat:dog:0.5] b", "prompt editing", "[cat:dog:0.5]"),
+        ("[cat:dog:10]", "prompt editing", "[cat:dog:10]"),
+        ("[cat:0.25]", "prompt editing", "[cat:0.25]"),
+        ("[cat::5]", "prompt editing", "[cat::5]"),
+        ("[a:1.3]", "prompt editing", "[a:1.3]"),  # A1111 reads this as editing, not as de-emphasis
+        ("[(cat:1.2):dog:0.5]", "prompt editing", "[(cat:1.2):dog:0.5]"),
+        ("a [cat|dog] b", "alternation", "[cat|dog]"),
+        ("[cat|dog|]", "alternation", "[cat|dog|]"),
+        ("([cat|dog]:1.2)", "alternation", "[cat|dog]"),
+        ("a cat AND a dog", "composable diffusion", "AND"),
+        ("a cat AND a dog :1.2", "composable diffusion", "AND"),
+        ("a <lora:film:0.8> portrait", "extra-network tag", "<lora:film:0.8>"),
+        ("<hypernet:x:1>", "extra-network tag", "<hypernet:x:1>"),
+    ],
+)
+def test_parse_prompt_refuses_a1111_syntax_it_does_not_implement(
+    text: str, construct: str, fragment: str
+) -> None:
+    with pytest.raises(InputError) as err:
+        parse_prompt(text)
+    message = str(err.value)
+    assert construct in message and repr(fragment).strip("'") in message
+    assert err.value.fix
+
+
+def test_refused_brackets_say_how_to_keep_them_as_text() -> None:
+    with pytest.raises(InputError, match=r"escape the brackets as \\\[ and \\\]"):
+        parse_prompt("[a|b]")
 
 
 def test_parse_prompt_rejects_infinite_weight() -> None:

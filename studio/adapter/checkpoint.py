@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from studio.adapter import FaceAdapter
+from studio.adapter.fact import FaceAdapter
 from studio.adapter.trainconfig import TrainConfig, config_to_dict
 from studio.adapter.weights import read_adapter_spec, save_adapter
 from studio.errors import ConfigError, InputError

@@ -13,18 +13,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import numpy.typing as npt
-import onnx
-import onnxruntime as ort
-from google.protobuf.message import DecodeError
-from onnx import helper
 
 from studio.errors import IdentityError, InputError, ModelError
 from studio.models.runtime import check_session_providers
 from studio.types import Identity, ImageBGR
+
+if TYPE_CHECKING:
+    import onnx
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,10 @@ class FaceTokenEncoder:
     """Face tokens (N, H*W, C) and L2-normed embeddings (N, 512) of aligned crops, one ORT run."""
 
     def __init__(self, model_path: Path, providers: Sequence[str]) -> None:
+        # onnx and onnxruntime load here, with the first encoder: identity files need neither
+        import onnxruntime as ort
+        from onnx import helper
+
         self.model_path = Path(model_path)
         model = _load_graph(self.model_path)
         self.input_name, self.input_size = _graph_input(model, self.model_path)  # size: (width, height)
@@ -115,6 +119,9 @@ class FaceTokenEncoder:
 
 def _load_graph(path: Path) -> onnx.ModelProto:
     """The recognizer's ONNX graph (a protobuf, never a pickle)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
     try:
         return onnx.load(str(path))
     except (OSError, DecodeError) as err:

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from studio.adapter import BASE_FAMILIES, AdapterSpec, FaceAdapter, check_fits
+from studio.adapter.fact import BASE_FAMILIES, AdapterSpec, FaceAdapter, check_fits
 from studio.errors import AdapterError
 from studio.files import write_bytes_atomic
 from studio.models.weights import safetensors_bytes

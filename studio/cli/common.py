@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,18 +15,20 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from studio.config import FaceSelect, StudioConfig, limits, load_config
 from studio.request import GenerateRequest
 
-out = Console()
-err_console = Console(stderr=True)
+out = Console(soft_wrap=True)  # printed paths never wrap, on a terminal or in a pipe
+err_console = Console(stderr=True, soft_wrap=True)
 
 Profile = Annotated[str, typer.Option("--profile", "-p", help="configs/<profile>.toml (default, tiny, ...).")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", help="A TOML file layered over the profile.")]
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set draft.steps=20.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show progress logs.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object (for scripts).")]
 Identity = Annotated[
     str | None,
     typer.Option("--identity", "-i", help="Refine faces to NAME, or 0=anna,1=kenji by face order."),
@@ -70,18 +75,50 @@ def make_studio(
     return studio, time.perf_counter() - start
 
 
-def report(result: Any, setup_s: float) -> None:
-    """Print what a run did; a refine that changed nothing makes the command exit non-zero (7)."""
-    for note in result.notes:
-        out.print(f"[bold yellow]note:[/] {escape(note)}", soft_wrap=True)
-    for status in result.statuses:
-        out.print(f"refine: {escape(status)}", soft_wrap=True)
+def report(
+    result: Any, setup_s: float, *, as_json: bool = False, extra: dict[str, Any] | None = None
+) -> None:
+    """Print what a run did (or one JSON object); a refine that changed nothing exits non-zero (7)."""
     timings = {"setup": setup_s, **result.timings}
-    out.print("stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()), soft_wrap=True)
-    for path in result.outputs:
-        out.print(f"wrote {path}", soft_wrap=True, highlight=False)
-    out.print(f"config {result.config_file}", soft_wrap=True, highlight=False)
+    if as_json:
+        data = {
+            "run_id": result.run_id,
+            "outputs": [str(p) for p in result.outputs],
+            "config": str(result.config_file),
+            "statuses": list(result.statuses),
+            "unchanged": list(result.unchanged),
+            "notes": list(result.notes),
+            "timings_s": {k: round(v, 4) for k, v in timings.items()},
+            **(extra or {}),
+        }
+        print(json.dumps(data, ensure_ascii=False))  # plain stdout: no markup, no wrapping
+    else:
+        for note in result.notes:
+            out.print(f"[bold yellow]note:[/] {escape(note)}")
+        for status in result.statuses:
+            out.print(f"refine: {escape(status)}")
+        out.print("stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+        for path in result.outputs:
+            out.print(f"wrote {path}", highlight=False)
+        out.print(f"config {result.config_file}", highlight=False)
     for item in result.unchanged:
-        err_console.print(f"[bold red]error:[/] refine changed nothing: {escape(item)}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] refine changed nothing: {escape(item)}")
     if result.unchanged:
         raise typer.Exit(7)
+
+
+@contextlib.contextmanager
+def step_progress(*, enabled: bool = True) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar of denoising steps on a terminal (None elsewhere: pipes and logs stay clean)."""
+    if not enabled or not err_console.is_terminal:
+        yield None
+        return
+    with Progress(
+        TextColumn("drafting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err_console
+    ) as bar:
+        task = bar.add_task("steps", total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update

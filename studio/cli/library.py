@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -21,6 +21,9 @@ from studio.cli.common import (
 
 styles_app = typer.Typer(help="Style presets (prompts/*.toml).", no_args_is_help=True)
 identity_app = typer.Typer(help="Enrolled identities (with consent records).", no_args_is_help=True)
+
+if TYPE_CHECKING:
+    from studio.faces.identity import IdentityLibrary
 
 
 @styles_app.command("list")
@@ -86,9 +89,9 @@ def identity_list(
     debug: Debug = False,
 ) -> None:
     """List enrolled identities, with consent and revocation."""
-    studio, _ = make_studio(profile, config_file, overrides, None, debug, False)
+    library = _library(profile, config_file, overrides, debug)
     table = Table("name", "photos", "consent", "created", "status")
-    for item in studio.identities.list():
+    for item in library.list():
         status = f"[red]revoked {item.revoked}[/]" if item.revoked else "[green]active[/]"
         table.add_row(item.name, str(len(item.source_sha256)), escape(item.consent), item.created, status)
     out.print(table)
@@ -103,8 +106,8 @@ def identity_show(
     debug: Debug = False,
 ) -> None:
     """Show one identity's record (not its embedding)."""
-    studio, _ = make_studio(profile, config_file, overrides, None, debug, False)
-    item = studio.identities.load(name)
+    library = _library(profile, config_file, overrides, debug)
+    item = library.load(name)
     for key in ("name", "consent", "created", "revoked", "recognizer_sha256"):
         out.print(f"[bold]{key}[/]: {escape(str(getattr(item, key)))}")
     out.print(f"[bold]photos[/]: {len(item.source_sha256)} ({', '.join(s[:12] for s in item.source_sha256)})")
@@ -119,8 +122,8 @@ def identity_remove(
     debug: Debug = False,
 ) -> None:
     """Delete an identity's file."""
-    studio, _ = make_studio(profile, config_file, overrides, None, debug, False)
-    studio.identities.remove(name)
+    library = _library(profile, config_file, overrides, debug)
+    library.remove(name)
     out.print(f"removed {name}")
 
 
@@ -133,6 +136,16 @@ def identity_revoke(
     debug: Debug = False,
 ) -> None:
     """Revoke an identity's consent: it stays on record but can no longer be used."""
-    studio, _ = make_studio(profile, config_file, overrides, None, debug, False)
-    item = studio.identities.revoke(name)
+    library = _library(profile, config_file, overrides, debug)
+    item = library.revoke(name)
     out.print(f"revoked {name} at {item.revoked}")
+
+
+def _library(
+    profile: str, config_file: Path | None, overrides: list[str] | None, debug: bool
+) -> IdentityLibrary:
+    """The identity library the config points at, without a Studio: no model (library) is loaded."""
+    from studio.faces.identity import IdentityLibrary
+
+    config = setup_logging_and_config(profile, config_file, overrides, debug)
+    return IdentityLibrary(config.refine.identities_dir)

@@ -7,15 +7,16 @@ import traceback
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.markup import escape
 
+from studio._version import __version__
 from studio.cli.common import (
     ConfigFile,
     Debug,
     FaceIndex,
     Identity,
+    Json,
     Match,
     Overrides,
     Profile,
@@ -25,6 +26,7 @@ from studio.cli.common import (
     make_studio,
     out,
     report,
+    step_progress,
 )
 from studio.cli.library import identity_app, styles_app
 from studio.cli.models import config_app, models_app
@@ -39,13 +41,25 @@ def _limits(name: str) -> dict[str, float]:
     return limits(GenerateRequest, name)
 
 
-app = typer.Typer(
-    help="Portrait Studio: text prompt → portrait.", pretty_exceptions_enable=False, no_args_is_help=True
-)
+app = typer.Typer(help="Portrait Studio: text prompt → portrait.", pretty_exceptions_enable=False)
 app.add_typer(models_app, name="models")
 app.add_typer(styles_app, name="styles")
 app.add_typer(identity_app, name="identity")
 app.add_typer(config_app, name="config")
+
+
+@app.callback(invoke_without_command=True)
+def root(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    """Portrait Studio: text prompt → portrait. Run a command with --help for its options."""
+    if version:
+        out.print(f"studio {__version__}")
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        out.print(ctx.get_help())
+        raise typer.Exit(0)
 
 
 @app.command()
@@ -67,17 +81,40 @@ def generate(
         int, typer.Option("--batch-size", **_limits("batch_size"), help="Images rendered at once.")
     ] = 1,
     seed: Annotated[int, typer.Option("--seed", **_limits("seed"), help="Seed of the first image.")] = 42,
-    steps: Annotated[int | None, typer.Option("--steps", **limits(DraftConfig, "steps"))] = None,
-    cfg: Annotated[float | None, typer.Option("--cfg", **limits(DraftConfig, "cfg"))] = None,
-    sampler: Annotated[Sampler | None, typer.Option("--sampler")] = None,
-    width: Annotated[int | None, typer.Option("--width")] = None,
-    height: Annotated[int | None, typer.Option("--height")] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps", **limits(DraftConfig, "steps"), help="Denoising steps (default: style/config)."
+        ),
+    ] = None,
+    cfg: Annotated[
+        float | None,
+        typer.Option("--cfg", **limits(DraftConfig, "cfg"), help="Guidance scale (default: style/config)."),
+    ] = None,
+    sampler: Annotated[
+        Sampler | None, typer.Option("--sampler", help="A1111 sampler name (default: style/config).")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option("--width", help="px, a multiple of 8 (default: style/config).")
+    ] = None,
+    height: Annotated[
+        int | None, typer.Option("--height", help="px, a multiple of 8 (default: style/config).")
+    ] = None,
     loras: Annotated[list[str] | None, typer.Option("--lora", help="NAME[:WEIGHT], repeatable.")] = None,
     pose: Annotated[Path | None, typer.Option("--pose", help="Pose image, OpenPose JSON, or photo.")] = None,
-    pose_source: Annotated[PoseSource, typer.Option("--pose-source")] = "auto",
-    control_scale: Annotated[float, typer.Option("--control-scale", **_limits("control_scale"))] = 1.0,
-    control_start: Annotated[float, typer.Option("--control-start", **_limits("control_start"))] = 0.0,
-    control_end: Annotated[float, typer.Option("--control-end", **_limits("control_end"))] = 1.0,
+    pose_source: Annotated[
+        PoseSource, typer.Option("--pose-source", help="What --pose is (auto: decided from the file).")
+    ] = "auto",
+    control_scale: Annotated[
+        float, typer.Option("--control-scale", **_limits("control_scale"), help="ControlNet strength.")
+    ] = 1.0,
+    control_start: Annotated[
+        float,
+        typer.Option("--control-start", **_limits("control_start"), help="Pose steers from this fraction."),
+    ] = 0.0,
+    control_end: Annotated[
+        float, typer.Option("--control-end", **_limits("control_end"), help="...until this fraction.")
+    ] = 1.0,
     init_image: Annotated[
         Path | None, typer.Option("--init-image", help="Re-draft this picture (img2img).")
     ] = None,
@@ -100,6 +137,7 @@ def generate(
     overrides: Overrides = None,
     debug: Debug = False,
     verbose: Verbose = False,
+    as_json: Json = False,
 ) -> None:
     """Render portraits from a text prompt."""
     request = GenerateRequest(
@@ -131,7 +169,9 @@ def generate(
         adapter_scale=adapter_scale,
     )
     studio, setup_s = make_studio(profile, config_file, overrides, output_dir, debug, verbose)
-    report(studio.generate(request), setup_s)
+    with step_progress(enabled=not as_json) as progress:
+        result = studio.generate(request, progress)
+    report(result, setup_s, as_json=as_json)
 
 
 @app.command("refine")
@@ -147,11 +187,12 @@ def refine_command(
     overrides: Overrides = None,
     debug: Debug = False,
     verbose: Verbose = False,
+    as_json: Json = False,
 ) -> None:
     """Swap faces in existing images to enrolled identities (detect, swap, upscale, blend, QA)."""
     request = GenerateRequest(prompt="", identity=identity, select=select, face_index=face_index, match=match)
     studio, setup_s = make_studio(profile, config_file, overrides, output_dir, debug, verbose)
-    report(studio.refine_files(images, request), setup_s)
+    report(studio.refine_files(images, request), setup_s, as_json=as_json)
 
 
 @app.command()
@@ -167,14 +208,17 @@ def reproduce(
     overrides: Overrides = None,
     debug: Debug = False,
     verbose: Verbose = False,
+    as_json: Json = False,
 ) -> None:
     """Render an image again from its recipe, under the recipe's config; says whether pixels are identical."""
     studio, setup_s = make_studio(profile, config_file, overrides, output_dir, debug, verbose)
     again = studio.reproduce(image, use_current_config=current_config)
-    report(again.result, setup_s)
-    out.print(f"identical to {image}: {'yes' if again.identical else 'NO'}", soft_wrap=True)
-    for difference in again.differences:
-        out.print(f"differs: {escape(difference)}", soft_wrap=True)
+    extra = {"identical": again.identical, "differences": list(again.differences)}
+    report(again.result, setup_s, as_json=as_json, extra=extra)
+    if not as_json:
+        out.print(f"identical to {image}: {'yes' if again.identical else 'NO'}")
+        for difference in again.differences:
+            out.print(f"differs: {escape(difference)}")
     if not again.identical:
         raise typer.Exit(8)
 
@@ -200,21 +244,28 @@ def _lora(item: str) -> tuple[str, float]:
 
 
 def main() -> None:
-    """Console entry point: one clear line and a non-zero exit for user errors; --debug for tracebacks."""
+    """Console entry point: one clear line and a non-zero exit for every error; --debug for tracebacks."""
     debug = "--debug" in sys.argv
     try:
-        code = app(standalone_mode=False)  # typer returns the code of a typer.Exit here
+        code = app(standalone_mode=False, prog_name="studio")  # returns the code of a typer.Exit
     except StudioError as err:
         if debug:
             traceback.print_exc()
         err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         sys.exit(err.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except typer.TyperException as exc:  # typer's bundled click: usage errors, bad option values
+        sys.exit(_usage_error(exc))
+    except (KeyboardInterrupt, typer.Abort):
         err_console.print("interrupted: finished outputs are kept; nothing partial was written.")
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_error(exc: typer.TyperException) -> int:
+    """Print a command-line usage error as one line plus a hint; the exit code is 2."""
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "studio"
+    message = " ".join(str(exc.format_message()).split()) if hasattr(exc, "format_message") else str(exc)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    err_console.print(f"usage: see `{command} --help`", highlight=False)
+    return 2

@@ -114,7 +114,7 @@ def models_verify(
 def models_make_tiny(
     folder: Annotated[Path, typer.Argument(help="Where to build the kit.")],
     force: Annotated[bool, typer.Option("--force", help="Rebuild if present.")] = False,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the kit's random weights.")] = 0,
     debug: Debug = False,
 ) -> None:
     """Build the tiny faithful model kit (random weights in the real formats) in FOLDER."""

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, cast, get_args
 
-from studio.config import config_dir
+from studio.config import shipped_dir
 from studio.errors import ConfigError, ModelError
 from studio.files import tree_sha256, write_bytes_atomic, write_text_atomic
 from studio.models.tokenizer import write_tokenizer
@@ -42,7 +42,7 @@ _STAMP = ".studio-base-config"  # written last; holds the tree sha256 of the shi
 
 def ensure_base_config(name: str, cache_dir: Path, *, shipped: Path | None = None) -> Path:
     """The complete config folder for real ``name`` checkpoints, built once in ``cache_dir/name``."""
-    # 1. check the name and find the shipped configs (default: configs/base/<name>)
+    # 1. check the name and find the shipped configs (default: the studio's configs/base/<name>)
     kind = _check_name(name)
     source = _shipped_folder(kind, shipped)
     target = Path(cache_dir) / kind
@@ -80,12 +80,12 @@ def _check_name(name: str) -> BaseConfigName:
 
 
 def _shipped_folder(name: BaseConfigName, shipped: Path | None) -> Path:
-    """``shipped/name``, by default ``configs/base/name``; it must hold a model_index.json."""
-    source = (Path(shipped) if shipped is not None else config_dir() / "base") / name
+    """``shipped/name``, by default the studio's ``configs/base/name``; it must hold a model_index.json."""
+    source = (Path(shipped) if shipped is not None else shipped_dir("configs") / "base") / name
     if not (source / "model_index.json").is_file():
         raise ConfigError(
             f"the offline {name} base config is missing: {source / 'model_index.json'} does not exist.",
-            fix="restore configs/base/ from the studio's sources (or unset STUDIO_CONFIG_DIR)",
+            fix="restore configs/base/ from the studio's sources (or reinstall portrait-studio)",
         )
     return source
 

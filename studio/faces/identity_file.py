@@ -16,7 +16,6 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 
 from studio.errors import IdentityError
-from studio.faces.detect import EMBEDDING_SIZE
 from studio.models.weights import safetensors_bytes
 from studio.types import Identity
 
@@ -25,6 +24,7 @@ IDENTITY_FORMAT = "portrait-studio-identity"
 IDENTITY_VERSION = "1"
 _METADATA_KEYS = ("name", "consent", "recognizer_sha256", "source_sha256", "created", "revoked")
 _NORM_TOLERANCE = 1e-3
+EMBEDDING_SIZE = 512  # ArcFace's width, as studio.faces.detect's (kept here: this module needs no detector)
 MAX_FILE_BYTES = 64 << 20  # 64 MiB is ~30 000 photo rows: anything larger is not an identity file
 
 

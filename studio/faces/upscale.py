@@ -14,15 +14,17 @@ import pickle
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from studio.compat import import_realesrgan
 from studio.errors import InputError, ModelError, UnsafeFileError
 from studio.models.catalogue import ModelEntry
 from studio.types import ImageBGR
+
+if TYPE_CHECKING:  # torch loads with the first upscaler (_load_state_dict)
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +111,8 @@ def _architecture(entry: ModelEntry) -> tuple[dict[str, int], int]:
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The ``params_ema`` (else ``params``) state dict of a Real-ESRGAN ``.pth``, read with weights_only."""
+    import torch
+
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from studio.config import StudioConfig, config_dir
+from studio.config import StudioConfig, project_dir
 from studio.errors import ConfigError, LicenceError, ModelError
 from studio.models.catalogue import Catalogue, ModelEntry
 from studio.models.store import KIND_FOLDERS, file_digest, require_verified
@@ -94,12 +94,13 @@ def model_folders(kind: ModelKind, config: StudioConfig) -> list[Path]:
             *(root / s for s in KIND_FOLDERS[kind]),
             *(root / "models" / s for s in KIND_FOLDERS[kind]),
         ]
-    return folders
+    return list(dict.fromkeys(folders))  # installed, lora_dir is <models.dir>/lora itself
 
 
 def lora_dir(config: StudioConfig) -> Path:
-    """The project's loras/ folder (or draft.lora_dir)."""
-    return config.draft.lora_dir or config_dir().parent / "loras"
+    """draft.lora_dir, else the checkout's loras/, else (installed) the studio's own <models.dir>/lora."""
+    project = project_dir()
+    return config.draft.lora_dir or (project / "loras" if project else config.models.dir / "lora")
 
 
 def _fits(entry: ModelEntry, kind: RefKind) -> bool:
@@ -111,9 +112,10 @@ def _from_entry(ref: str, kind: RefKind, entry: ModelEntry, path: Path) -> Resol
 
 
 def _find_file(ref: str, kind: RefKind, config: StudioConfig) -> Path | None:
-    """``ref`` as a path (relative to the working folder, then the project folder), then by name."""
+    """``ref`` as a path (relative to the working folder, then the checkout if any), then by name."""
     given = Path(ref).expanduser()
-    candidates = [given] if given.is_absolute() else [given, config_dir().parent / given]
+    project = project_dir()
+    candidates = [given] if given.is_absolute() or project is None else [given, project / given]
     if kind != "base" and not given.is_absolute() and len(given.parts) == 1:
         names = [ref] if given.suffix else [ref, f"{ref}.safetensors"]
         candidates += [folder / name for folder in model_folders(kind, config) for name in names]

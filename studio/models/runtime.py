@@ -10,14 +10,15 @@ import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import onnxruntime as ort
-import torch
+from typing import TYPE_CHECKING, Any
 
 from studio.config import OnnxProviders, RuntimeConfig
 from studio.errors import RuntimeSetupError
 from studio.types import Device
+
+if TYPE_CHECKING:  # torch and onnxruntime load in the functions below, when a model is about to load
+    import onnxruntime as ort
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ _GPU_HINT = (
 
 def choose_device(requested: Device) -> torch.device:
     """cuda > mps > cpu for "auto"; an explicitly requested device must be available."""
+    import torch
+
     available = {
         "cuda": torch.cuda.is_available(),
         "mps": bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available(),
@@ -52,6 +55,8 @@ def choose_device(requested: Device) -> torch.device:
 
 def choose_dtype(config: RuntimeConfig, device: torch.device) -> torch.dtype:
     """float16 on cuda, float32 elsewhere, unless the config names a dtype."""
+    import torch
+
     if config.dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     dtype = getattr(torch, config.dtype)
@@ -65,6 +70,8 @@ def choose_dtype(config: RuntimeConfig, device: torch.device) -> torch.dtype:
 
 def onnx_providers(requested: OnnxProviders) -> list[str]:
     """The provider list to ask ONNX Runtime for."""
+    import onnxruntime as ort
+
     available = ort.get_available_providers()
     if requested == "auto":
         preferred = [p for p in ("CUDAExecutionProvider", "CoreMLExecutionProvider") if p in available]
@@ -95,6 +102,8 @@ def check_session_providers(session: Any, requested: Sequence[str], model: Path)
 
 def create_session(model: Path, requested: Sequence[str]) -> ort.InferenceSession:
     """An ORT session for ``model`` on exactly the requested providers."""
+    import onnxruntime as ort
+
     session = ort.InferenceSession(str(model), providers=list(requested))
     check_session_providers(session, requested, model)
     return session

@@ -14,14 +14,16 @@ import pickle
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
 import numpy as np
-import safetensors.torch
-import torch
 from safetensors import SafetensorError
+from safetensors.numpy import save as save_numpy
 
 from studio.errors import ModelError, ModelNotFoundError, UnsafeFileError
+
+if TYPE_CHECKING:  # torch loads with the first torch weights (load_weights, torch tensors to save)
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +49,15 @@ def safetensors_bytes(tensors: Mapping[str, torch.Tensor | np.ndarray], metadata
 
     safetensors 0.8 writes its header from a hash map, in an order that changes from call to call.
     """
-    as_torch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in tensors.items()}
-    data = safetensors.torch.save(as_torch, metadata=metadata)
+    if all(isinstance(v, np.ndarray) for v in tensors.values()):  # identity files: no torch needed
+        arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}  # numpy save reads raw memory
+        data = save_numpy(arrays, metadata=metadata)
+    else:
+        import torch  # torch tensors given: torch is loaded already
+        from safetensors.torch import save as save_torch
+
+        as_torch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in tensors.items()}
+        data = save_torch(as_torch, metadata=metadata)
     size = int.from_bytes(data[:8], "little")  # u64 LE header length, then the JSON header (space padded)
     header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
     if len(header) > size:
@@ -85,9 +94,12 @@ def load_weights(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
     fmt = check_weights_file(path, allow_pickle=allow_pickle)
     if fmt not in ("safetensors", "pickle"):
         raise ModelError(f"{path} is a {fmt} model, not a weights file.", fix="pass a .safetensors file.")
+    import torch  # torch loads here, with the first weights file
+    from safetensors.torch import load_file
+
     try:
         if fmt == "safetensors":
-            return safetensors.torch.load_file(str(path), device="cpu")
+            return load_file(str(path), device="cpu")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise UnsafeFileError(
