@@ -138,6 +138,14 @@ def test_usage_errors_are_one_line_and_exit_2(args: list[str], fragment: str) ->
     assert len(lines) == 2 and fragment in lines[0] and lines[1].startswith("usage: see `studio"), lines
 
 
+def test_missing_input_files_are_one_line(tiny_overrides: list[str], tmp_path: Path) -> None:
+    for args in (["--init-image", str(tmp_path / "nothere.png")], ["--pose", str(tmp_path / "nothere.json")]):
+        proc = _run("generate", "x", "--profile", "tiny", *args, *_sets(tiny_overrides))
+        assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "nothere" in lines[0] and "does not exist" in lines[0], lines
+
+
 def test_no_arguments_prints_help_and_version_prints_the_version() -> None:
     bare = _run()
     assert bare.returncode == 0 and "Usage: studio" in bare.stdout and "generate" in bare.stdout

@@ -11,6 +11,7 @@ import pytest
 
 from studio.config import StudioConfig, load_config
 from studio.draft import DraftRequest
+from studio.imageio import write_image
 from studio.pipeline import Studio
 from studio.recipe import Recipe
 from studio.request import GenerateRequest
@@ -107,10 +108,15 @@ def test_a_config_change_is_a_recipe_change(studio: Studio) -> None:
     assert a.id != b.id  # but the recipe was made under another config
 
 
-def test_library_use_is_quiet(studio: Studio, capfd: pytest.CaptureFixture[str]) -> None:
+def test_library_use_is_quiet(studio: Studio, capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     fresh = Studio(studio.config)  # its own cache: the model loads again, LoRAs too
     fresh.draft(GenerateRequest("a keeper", loras=(("tiny-style-kohya", 0.5),), **FAST))
     fresh.draft(GenerateRequest("a keeper", loras=(("tiny-style-diffusers", 0.5),), **FAST))
+    init = write_image(tmp_path / "init.png", np.full((64, 64, 3), 120, np.uint8))
+    fresh.draft(GenerateRequest("a keeper", init_image=init, strength=0.7, **FAST))  # img2img variant
+    pose = tmp_path / "pose.json"  # one person, BODY_18 keypoints in px: the ControlNet variant
+    pose.write_text('{"people": [{"pose_keypoints_2d": [' + ", ".join(["32, 32, 1"] * 18) + "]}]}")
+    fresh.draft(GenerateRequest("a keeper", pose=pose, pose_source="keypoints", **FAST))
     captured = capfd.readouterr()
     noise = captured.err + captured.out
     for fragment in ("Loading pipeline components", "it/s]", "LOAD REPORT", "peft_config", "float32"):
