@@ -1,12 +1,4 @@
-"""FACT face adapter: face tokens -> Perceiver resampler -> serial gated attention in every UNet block.
-
-Usage (inference)::
-
-    adapter = load_adapter(path, base_family="sd15", encoder_sha256=sha, unet=pipe.unet)  # weights.py
-    attach(adapter, pipe.unet)
-    kwargs = adapter.face_kwargs(tokens, embedding, scale=0.8, cfg=guidance_scale > 1)
-    pipe(prompt, cross_attention_kwargs=kwargs)
-    detach(pipe.unet)  # the UNet is the base model again
+"""FACT face adapter (see ``fact.py`` for how it works and how to use it).
 
 The adapter itself lives in ``fact.py`` (torch); its names are re-exported here lazily, so importing a
 light submodule (``studio.adapter.tokens``, which the identity library needs) does not import torch.

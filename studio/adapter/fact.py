@@ -40,20 +40,6 @@ from studio.errors import AdapterError, InputError, ModelError
 BaseFamily = Literal["sd15", "sdxl"]
 BASE_FAMILIES: tuple[BaseFamily, ...] = get_args(BaseFamily)
 
-__all__ = [
-    "BASE_FAMILIES",
-    "AdapterSpec",
-    "BaseFamily",
-    "FaceAdapter",
-    "FaceContext",
-    "attach",
-    "build_adapter",
-    "check_fits",
-    "detach",
-    "increments",
-    "set_recording",
-]
-
 
 @dataclass(frozen=True, kw_only=True)
 class AdapterSpec:
