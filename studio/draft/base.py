@@ -19,7 +19,6 @@ from studio.config import StudioConfig
 from studio.errors import InputError
 from studio.models.catalogue import Catalogue, ModelEntry
 from studio.models.resolve import ResolvedModel, resolve
-from studio.models.weights import check_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ def resolve_base(ref: str, catalogue: Catalogue, config: StudioConfig) -> BaseMo
     if model.sha256 == "":  # a Hugging Face repo id
         family = _family(config, None, lambda: _index_family(_hub_index(ref)))
         return BaseModel(ref, family, "hub", ref, None, "", model)
-    family = _family(config, entry, lambda: _single_file_family(model.path))
+    family = _family(config, entry, lambda: _single_file_family(model))
     own = entry.config if entry and entry.config and Path(entry.config).is_dir() else None
     return BaseModel(
         ref, family, "single_file", model.location, own or _base_config(family, config), model.sha256, model
@@ -75,8 +74,9 @@ def _family(config: StudioConfig, entry: ModelEntry | None, infer: Callable[[], 
     return family
 
 
-def _single_file_family(path: Path) -> Family:
-    if check_weights_file(path, allow_pickle=True) != "safetensors":
+def _single_file_family(model: ResolvedModel) -> Family:
+    path = model.path
+    if model.format != "safetensors":  # the resolver checked the file's content
         raise InputError(f"Cannot tell whether {path.name} is SD 1.5 or SDXL.", fix="set draft.family.")
     with safe_open(str(path), framework="numpy") as handle:  # the key names only
         return "sdxl" if _SDXL_KEY in handle.keys() else "sd15"  # noqa: SIM118  (safe_open is not a dict)

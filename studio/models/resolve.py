@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +47,7 @@ class ResolvedModel:
     licence: str
     commercial: bool
     entry: ModelEntry | None = None  # the catalogue entry, when the model is catalogued
+    format: str = ""  # what check_weights_file found in a file given by path: safetensors, pickle, onnx...
 
     @property
     def path(self) -> Path:
@@ -70,13 +71,13 @@ def resolve(ref: str, kind: RefKind, config: StudioConfig, catalogue: Catalogue)
     # 2. a file or folder: checked before any library opens it, then matched to the catalogue by content
     path = _find_file(ref, kind, config)
     if path is not None:
-        check_weights_file(path, allow_pickle=config.models.allow_pickle)
+        found = check_weights_file(path, allow_pickle=config.models.allow_pickle)
         sha = file_digest(path, config.models.dir)
         known = catalogue.by_sha256(sha)
         if known is not None:
-            return _allowed(_from_entry(ref, kind, known, path), config)
+            return _allowed(replace(_from_entry(ref, kind, known, path), format=found), config)
         licence, commercial = _declared(config, sha=sha)
-        return _allowed(ResolvedModel(ref, kind, str(path), sha, licence, commercial), config)
+        return _allowed(ResolvedModel(ref, kind, str(path), sha, licence, commercial, format=found), config)
     # 3. a Hugging Face repo id (base models only: the hub resolves it on load)
     if kind == "base" and HUB_ID.match(ref) and not Path(ref).expanduser().exists():
         licence, commercial = _declared(config, hf=ref)
