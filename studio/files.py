@@ -65,7 +65,8 @@ def _commit(tmp: Path, path: Path, exclusive: bool) -> None:
         os.link(tmp, path)  # fails with FileExistsError if path exists: no check-then-replace race
     except FileExistsError:
         raise
-    except OSError as err:  # a filesystem without hard links: claim the name, then fill it
+    except OSError as err:  # a filesystem without hard links (some SMB/FUSE shares): claim, then fill;
+        # a crash between the two leaves an empty file at the name, never a truncated image
         if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
             raise
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE))

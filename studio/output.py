@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.config import StudioConfig, config_to_toml
+from studio.errors import OutputError
 from studio.files import atomic_writer, remove_stale_temps
 from studio.imageio import write_image
 from studio.infotext import a1111_parameters
@@ -68,7 +69,7 @@ class OutputSink:
                 return write_image(path, image, parameters=parameters, recipe=data, exclusive=True)
             except FileExistsError:
                 continue
-        raise FileExistsError(f"no free name for {stem} in {self.folder}")
+        raise _no_free_name(stem, self.folder)
 
     def _new_file(self, stem: str, suffix: str, data: bytes) -> Path:
         for path in self._names(stem, suffix):
@@ -78,10 +79,17 @@ class OutputSink:
                 return path
             except FileExistsError:
                 continue
-        raise FileExistsError(f"no free name for {stem} in {self.folder}")
+        raise _no_free_name(stem, self.folder)
 
     def _names(self, stem: str, suffix: str) -> list[Path]:
         return [self.folder / f"{stem}{'' if n == 0 else f'-{n}'}{suffix}" for n in range(_MAX_TRIES)]
+
+
+def _no_free_name(stem: str, folder: Path) -> OutputError:
+    return OutputError(
+        f"No free file name for {stem} in {folder}: {_MAX_TRIES} names are taken.",
+        fix="write into another folder (--out DIR) or clear this one.",
+    )
 
 
 def _safe(text: str) -> str:

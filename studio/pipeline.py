@@ -43,7 +43,15 @@ from studio.models.catalogue import Catalogue
 from studio.models.resolve import resolve
 from studio.output import OutputSink
 from studio.prepare import build_draft_request
-from studio.recipe import Recipe, RefineRecord, differences, draft_record, environment, recipe_from_image
+from studio.recipe import (
+    Recipe,
+    RefineRecord,
+    differences,
+    draft_record,
+    environment,
+    recipe_from_image,
+    request_from_recipe,
+)
 from studio.request import GenerateRequest
 from studio.results import Draft, GenerateResult, Refined, Reproduction
 from studio.types import Identity, ImageBGR
@@ -354,7 +362,7 @@ class Studio:
 
     def _repeat(self, recipe: Recipe) -> tuple[GenerateResult, Recipe]:
         """Run ``recipe`` again; returns what was written and the new image's recipe."""
-        request = recipe.generate_request()
+        request = request_from_recipe(recipe)
         if recipe.draft is None:  # a re-faced existing image: refine its source again
             source = self._source_of(recipe)
             result = self.refine_files([source], request)

@@ -132,14 +132,6 @@ class Recipe:
             }
         )
 
-    def generate_request(self) -> GenerateRequest:
-        """The request that renders this recipe's whole draft batch again (or repeats its refine)."""
-        request = GenerateRequest.from_dict(self.request)
-        if self.draft is None:
-            return request
-        batch = self.draft.batch_seeds
-        return replace(request, seed=batch[0], count=len(batch), batch_size=len(batch))
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data."""
         data = asdict(self)
@@ -232,8 +224,12 @@ def draft_record(
 
 
 def request_from_recipe(recipe: Recipe) -> GenerateRequest:
-    """The request that renders ``recipe`` again (its whole batch, so the pixels can match exactly)."""
-    return recipe.generate_request()
+    """The request that renders ``recipe``'s whole draft batch again (or repeats its refine)."""
+    request = GenerateRequest.from_dict(recipe.request)
+    if recipe.draft is None:
+        return request
+    batch = recipe.draft.batch_seeds
+    return replace(request, seed=batch[0], count=len(batch), batch_size=len(batch))
 
 
 def recipe_from_image(data: Mapping[str, Any] | None, path: Path) -> Recipe:
@@ -265,6 +261,7 @@ def differences(before: Recipe, after: Recipe) -> list[str]:
         if was != now:
             found.append(f"model {role}: sha256 {_short(was)} then, {_short(now)} now")
     found += _refine_differences(before.refine, after.refine)
+    found += _draft_differences(before.draft, after.draft)
     if before.draft and after.draft:
         for key, was in before.draft.inputs.items():
             now = after.draft.inputs.get(key, {}).get("sha256")
@@ -282,6 +279,20 @@ def differences(before: Recipe, after: Recipe) -> list[str]:
         if was != now:
             found.append(f"{key}: {was} then, {now} now")
     return found
+
+
+_DRAFT_FIELDS = ("prompt", "negative", "width", "height", "steps", "cfg", "sampler", "strength", "loras")
+
+
+def _draft_differences(before: DraftRecord | None, after: DraftRecord | None) -> list[str]:
+    """Rendered draft settings that changed although the request did not (e.g. an edited style preset)."""
+    if before is None or after is None:
+        return []
+    return [
+        f"draft {name}: {getattr(before, name)!r} then, {getattr(after, name)!r} now (style preset edited?)"
+        for name in _DRAFT_FIELDS
+        if getattr(before, name) != getattr(after, name)
+    ]
 
 
 def _refine_differences(before: RefineRecord | None, after: RefineRecord | None) -> list[str]:

@@ -121,3 +121,15 @@ def test_library_use_is_quiet(studio: Studio, capfd: pytest.CaptureFixture[str],
     noise = captured.err + captured.out
     for fragment in ("Loading pipeline components", "it/s]", "LOAD REPORT", "peft_config", "float32"):
         assert fragment not in noise, noise
+
+
+def test_differences_name_a_changed_draft_setting(studio: Studio) -> None:
+    from studio.recipe import differences
+
+    made = studio.draft(GenerateRequest("a keeper", **FAST))[0].recipe
+    assert made.draft is not None
+    edited = replace(made, draft=replace(made.draft, prompt="a keeper, oil painting", steps=9))
+    found = differences(made, edited)
+    assert any(d.startswith("draft prompt: 'a keeper' then") for d in found), found
+    assert any(d.startswith("draft steps: 3 then, 9 now") for d in found), found
+    assert differences(made, made) == []

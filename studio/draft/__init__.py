@@ -32,7 +32,10 @@ def open_draft_pipeline(
     base = resolve_base(model_ref, catalogue, config)  # a bad reference fails before diffusers loads
     from studio.draft.pipeline import DraftPipeline
 
-    key = ("draft-pipeline", base.location, base.sha256, config.runtime.device, config.runtime.dtype)
+    # everything the pipeline keeps from its config is in the key: a Studio under another config (a
+    # recipe's, in reproduce) sharing this cache gets a pipeline that renders as that config says
+    kept = (config.draft.max_loaded_loras, config.models.allow_pickle, config.models.dir)
+    key = ("draft-pipeline", base.location, base.sha256, config.runtime, config.performance, kept)
     return cache.get(key, lambda: DraftPipeline(base, config, cache))
 
 

@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from safetensors import safe_open
 
+from studio.compat import quiet_model_libraries
 from studio.config import StudioConfig
-from studio.errors import InputError
+from studio.errors import InputError, ModelError
 from studio.models.catalogue import Catalogue, ModelEntry
 from studio.models.resolve import ResolvedModel, resolve
 
@@ -96,4 +97,18 @@ def _index_family(index: dict[str, Any]) -> Family:
 def _hub_index(repo: str) -> dict[str, Any]:
     from diffusers import DiffusionPipeline  # the hub's model_index.json, through diffusers' own cache
 
-    return DiffusionPipeline.load_config(repo)
+    try:
+        with quiet_model_libraries():
+            return DiffusionPipeline.load_config(repo)
+    except (OSError, ValueError) as err:  # offline and not cached, gated, mistyped, or a missing path
+        raise hub_error(repo, err) from err
+
+
+def hub_error(repo: str, err: Exception) -> ModelError:
+    """A Hugging Face repo (or a path that looks like one) that cannot be reached, as one line."""
+    reason = " ".join(str(err).split())[:200]
+    return ModelError(
+        f"{repo!r} is not a file or folder here, and as a Hugging Face repo it cannot be loaded ({reason}).",
+        fix="check the path, or the repo id and your network; offline (HF_HUB_OFFLINE=1) only cached "
+        "repos load.",
+    )

@@ -15,7 +15,7 @@ import torch
 from diffusers import ControlNetModel
 
 from studio.config import PerformanceConfig, StudioConfig
-from studio.draft.base import BaseModel, Family
+from studio.draft.base import BaseModel, Family, hub_error
 from studio.models.cache import ModelCache
 from studio.models.resolve import ResolvedModel
 from studio.models.runtime import choose_device, choose_dtype
@@ -72,6 +72,11 @@ def _load_base(base: BaseModel, perf: PerformanceConfig, device: torch.device, d
         common |= {"safety_checker": None, "requires_safety_checker": False}
     if base.source == "single_file":
         pipe = cls.from_single_file(base.location, config=base.config, **common)
+    elif base.source == "hub":
+        try:
+            pipe = cls.from_pretrained(base.location, **common)
+        except (OSError, ValueError) as err:
+            raise hub_error(base.location, err) from err
     else:
         pipe = cls.from_pretrained(base.location, **common)
     pipe.set_progress_bar_config(disable=True)

@@ -74,6 +74,8 @@ def test_model_references_resolve(studio: Studio, tiny_config: StudioConfig, tin
     assert (single.family, single.source) == ("sdxl", "single_file")
     with pytest.raises(ModelError, match="base model 'no-such-model' is not a catalogue name"):
         resolve_base("no-such-model", studio.catalogue, tiny_config)
+    with pytest.raises(ModelError, match=r"'nosuch/repo' is not a file or folder here.*cannot be loaded"):
+        resolve_base("nosuch/repo", studio.catalogue, tiny_config)  # offline, not cached (HF_HUB_OFFLINE)
 
 
 def test_sdxl_renders_through_the_same_pipeline(tiny_config: StudioConfig) -> None:
