@@ -279,7 +279,7 @@ class Studio:
         loaded = load_face_models(models, self.config, self.cache)
         library = self.identities
         identities = {n: library.get(n, recognizer_sha256=loaded.recognizer_sha256) for n in cast.names}
-        digests = {n: sha256_file(library.path_for(n)) for n in cast.names}
+        digests = {n: identities[n].file_sha256 for n in cast.names}
         return _RefineSetup(cast, loaded, identities, digests, {r: m.sha256 for r, m in models.items()})
 
     def _refine(self, picture: Draft, setup: _RefineSetup) -> Refined:
@@ -357,8 +357,9 @@ class Studio:
         ref = self.config.adapter.fact if request.adapter == "fact" else self.config.adapter.faceid
         weights = resolve(ref, "adapter", self.config, self.catalogue)
         scale = self.config.adapter.scale if request.adapter_scale is None else request.adapter_scale
-        digest = sha256_file(self.identities.path_for(identity.name))
-        return FaceCondition(request.adapter, weights.path, weights.sha256, identity, scale, digest)
+        return FaceCondition(
+            request.adapter, weights.path, weights.sha256, identity, scale, identity.file_sha256
+        )
 
     def _repeat(self, recipe: Recipe) -> tuple[GenerateResult, Recipe]:
         """Run ``recipe`` again; returns what was written and the new image's recipe."""

@@ -77,6 +77,7 @@ class Identity:
     created: str  # ISO-8601 UTC
     revoked: str | None = None  # ISO-8601 UTC time of revocation; a revoked identity cannot be used
     face_tokens: npt.NDArray[np.float32] | None = None  # (K, T, C) per enrolment photo
+    file_sha256: str = ""  # sha256 of the identity file these values were read from (for recipes)
 
 
 FaceAdapterKind = Literal["fact", "ipadapter-faceid"]  # identity-conditioned draft adapters

@@ -11,6 +11,7 @@ validated on every load; pickles (and every other format) are refused, never ope
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Sequence
@@ -190,7 +191,8 @@ class IdentityLibrary:
             )
         if path.stat().st_size > MAX_FILE_BYTES:
             raise bad_identity_file(path, f"{path.stat().st_size} bytes, far more than an identity needs")
-        return parse_identity_file(path, name, path.read_bytes())
+        data = path.read_bytes()  # one read: the digest recipes record is of exactly these bytes
+        return replace(parse_identity_file(path, name, data), file_sha256=hashlib.sha256(data).hexdigest())
 
     def get(self, name: str, *, recognizer_sha256: str | None = None) -> Identity:
         """Identity ``name`` for use: refused if revoked or made by another recognizer than the given one."""
