@@ -84,6 +84,7 @@ class Studio:
         self.config = config
         self.cache = cache or ModelCache()
         self.catalogue: Catalogue = open_catalogue(config)
+        self._config_record = config_to_dict(config)  # the config as every recipe records it (frozen)
 
     @property
     def identities(self) -> IdentityLibrary:
@@ -131,9 +132,7 @@ class Studio:
         source = {"path": str(path), "sha256": sha256_file(path)}
         if meta.parameters and parent is None:  # e.g. an A1111 image: keep its infotext
             source["parameters"] = meta.parameters
-        recipe = Recipe(
-            request={}, config=config_to_dict(self.config), models={}, source=source, parent=parent
-        )
+        recipe = Recipe(request={}, config=self._config_record, models={}, source=source, parent=parent)
         return Draft(image, recipe, source=path)
 
     def refine(
@@ -309,7 +308,7 @@ class Studio:
         return replace(
             picture.recipe,
             request=request.to_dict(),
-            config=config_to_dict(self.config),
+            config=self._config_record,
             profile=self.config.profile,
             models=models,
             refine=record,
@@ -329,7 +328,7 @@ class Studio:
         record, models = draft_record(draft, pipeline.base, seed, batch, inputs)
         return Recipe(
             request=request.to_dict(),
-            config=config_to_dict(self.config),
+            config=self._config_record,
             models=models,
             profile=self.config.profile,
             draft=record,

@@ -11,6 +11,7 @@ The A1111 ``parameters`` text made from a recipe: ``studio.infotext``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -244,13 +245,19 @@ def recipe_from_image(data: Mapping[str, Any] | None, path: Path) -> Recipe:
 
 def environment(device: str) -> dict[str, str]:
     """Library versions and the device: what can change pixels when nothing else did."""
+    return {"studio": __version__, **_library_versions(), "device": device}
+
+
+@functools.cache
+def _library_versions() -> dict[str, str]:
+    """Installed versions, read once per process (package metadata lookups scan site-packages)."""
     versions = {}
     for name in LIBRARIES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "absent"
-    return {"studio": __version__, **versions, "device": device}
+    return versions
 
 
 def differences(before: Recipe, after: Recipe) -> list[str]:
