@@ -49,30 +49,48 @@ class OutputSink:
 
     def start(self, config: StudioConfig, request: Mapping[str, Any]) -> Path:
         """Begin the run: remove stale temp files of ours, write the run's config and request."""
-        removed = remove_stale_temps(self.folder)
-        if removed:
-            logger.info("removed %d stale temp file(s) left by killed runs in %s", len(removed), self.folder)
+        self.sweep()
         self.config_file = self._new_file(f"{self.run_id}-config", ".toml", config_to_toml(config).encode())
         self._new_file(
             f"{self.run_id}-request", ".json", json.dumps(request, indent=1, sort_keys=True).encode()
         )
         return self.config_file
 
-    def write(self, image: ImageBGR, recipe: Recipe, stem: str) -> Path:
+    def write(self, image: ImageBGR, recipe: Recipe, stem: str, *, subfolder: str | None = None) -> Path:
         """Write ``image`` as ``<run>-<stem>.png`` (or ``-1``, ``-2``… if taken) with its recipe."""
-        # 1. the A1111 parameters text, from the recipe
-        parameters = a1111_parameters(recipe)
-        data = recipe.to_dict()
-        # 2. a name nobody else holds, claimed atomically with the complete file (PNG chunks inside)
-        for path in self._names(f"{self.run_id}-{_safe(stem)}", ".png"):
+        folder = self.folder / subfolder if subfolder else self.folder
+        for path in self._names(f"{self.run_id}-{_safe(stem)}", ".png", folder):
             try:
-                return write_image(path, image, parameters=parameters, recipe=data, exclusive=True)
+                return self._commit(path, image, recipe)
             except FileExistsError:
                 continue
-        raise _no_free_name(stem, self.folder)
+        raise _no_free_name(stem, folder)
+
+    def write_addressed(self, image: ImageBGR, recipe: Recipe, name: str, *, subfolder: str = "") -> Path:
+        """Write ``image`` as ``<subfolder>/<name>.png``, where ``name`` is a content address (a recipe or
+        campaign item id): a file already there is the same content, so it is kept and its path returned."""
+        path = self.folder / subfolder / f"{_safe(name)}.png"
+        try:
+            return self._commit(path, image, recipe)
+        except FileExistsError:
+            logger.info("%s is already written (content-addressed): kept", path)
+            return path
+
+    def sweep(self) -> None:
+        """Remove temp files of ours that killed runs left in the folder."""
+        removed = remove_stale_temps(self.folder)
+        if removed:
+            logger.info("removed %d stale temp file(s) left by killed runs in %s", len(removed), self.folder)
+
+    def _commit(self, path: Path, image: ImageBGR, recipe: Recipe) -> Path:
+        """The complete file (A1111 parameters, then the recipe chunk) claimed atomically at ``path``."""
+        # 1. the A1111 parameters text, from the recipe; 2. PNG chunks; (watermark, C2PA: provenance issue)
+        return write_image(
+            path, image, parameters=a1111_parameters(recipe), recipe=recipe.to_dict(), exclusive=True
+        )
 
     def _new_file(self, stem: str, suffix: str, data: bytes) -> Path:
-        for path in self._names(stem, suffix):
+        for path in self._names(stem, suffix, self.folder):
             try:
                 with atomic_writer(path, exclusive=True) as handle:
                     handle.write(data)
@@ -81,8 +99,8 @@ class OutputSink:
                 continue
         raise _no_free_name(stem, self.folder)
 
-    def _names(self, stem: str, suffix: str) -> list[Path]:
-        return [self.folder / f"{stem}{'' if n == 0 else f'-{n}'}{suffix}" for n in range(_MAX_TRIES)]
+    def _names(self, stem: str, suffix: str, folder: Path) -> list[Path]:
+        return [folder / f"{stem}{'' if n == 0 else f'-{n}'}{suffix}" for n in range(_MAX_TRIES)]
 
 
 def _no_free_name(stem: str, folder: Path) -> OutputError:

@@ -23,6 +23,7 @@ import numpy as np
 
 from studio.config import StudioConfig, config_from_dict, config_to_dict
 from studio.draft import open_draft_pipeline
+from studio.draft.base import resolve_base
 from studio.draft.request import DraftRequest, FaceCondition, Progress, check_draft, plan_batches
 from studio.errors import InputError, RefineError
 from studio.faces import (
@@ -40,10 +41,12 @@ from studio.imageio import read_image, read_metadata
 from studio.models import open_catalogue
 from studio.models.cache import ModelCache
 from studio.models.catalogue import Catalogue
-from studio.models.resolve import resolve
+from studio.models.resolve import ResolvedModel, resolve
 from studio.output import OutputSink
 from studio.prepare import build_draft_request
+from studio.qa import NO_CONTENT_CHECK_NOTE, ContentCheck, Verdict, gate, no_content_check, reroll_seed
 from studio.recipe import (
+    DraftRecord,
     Recipe,
     RefineRecord,
     differences,
@@ -61,6 +64,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+FAILED_QA_DIR = "failed-qa"  # outputs that failed the QA gate after their re-rolls, apart from the rest
 REFINE_SKIPPED = "refine skipped: no --identity given, faces are left as drafted"
 TINY_NOTE = "tiny profile: random-weight models, the pictures are NOT portraits"
 TINY_DETECTOR_NOTE = "tiny profile: the face detector is a fixture (one face at a fixed place)"
@@ -73,16 +77,21 @@ class _RefineSetup:
     cast: Cast
     models: FaceModels
     identities: dict[str, Identity]
-    digests: dict[str, str]  # identity name -> identity file sha256
     model_digests: dict[str, str] = field(default_factory=dict)  # role -> sha256
 
 
 class Studio:
     """Holds the config, the catalogue and the model cache for any number of requests (thread-safe)."""
 
-    def __init__(self, config: StudioConfig, cache: ModelCache | None = None) -> None:
+    def __init__(
+        self,
+        config: StudioConfig,
+        cache: ModelCache | None = None,
+        content_check: ContentCheck | None = None,
+    ) -> None:
         self.config = config
         self.cache = cache or ModelCache()
+        self.content_check = content_check or no_content_check
         self.catalogue: Catalogue = open_catalogue(config)
         self._config_record = config_to_dict(config)  # the config as every recipe records it (frozen)
 
@@ -101,15 +110,49 @@ class Studio:
         """Render ``request`` batch by batch, yielding each Draft as its batch finishes."""
         return self._render(request, self._plan(request), progress)
 
+    def planned_recipe(self, request: GenerateRequest, source: Path | None = None) -> Recipe:
+        """The recipe (minus outcomes) image ``request.seed`` will carry; checks everything, loads no model.
+
+        Its ``id`` and ``draft_key`` equal those of the output (campaign items are keyed by them).
+        ``source``: an existing picture to refine (a re-face) instead of a draft.
+        """
+        cast = self._cast(request) if source is not None or self._refining(request) else None
+        if source is not None:
+            picture = self.open(source)
+        else:
+            one = replace(request, count=1, batch_size=1)
+            draft, inputs = self._draft_request(one)
+            base = resolve_base(self.config.draft.model, self.catalogue, self.config)
+            record, models = draft_record(draft, base, one.seed, (one.seed,), inputs)
+            device = self.config.runtime.device
+            picture = Draft(np.zeros((0, 0, 3), np.uint8), self._recipe(one, record, models, device))
+        if cast is None:
+            return picture.recipe
+        models, identities = self._refine_plan(cast)
+        record = self._refine_record(cast, identities, {"status": "planned", "message": "", "faces_found": 0})
+        return self._refined_recipe(picture, record, {r: m.sha256 for r, m in models.items()})
+
+    def rebase(self, draft: Draft, request: GenerateRequest) -> Draft:
+        """A stored draft as the draft of ``request`` (several requests share a draft when only the
+        refine differs: same ``draft_key``)."""
+        recipe = replace(
+            draft.recipe, request=request.to_dict(), notes=self._notes(refining=self._refining(request))
+        )
+        return Draft(draft.image, recipe, draft.source)
+
     def _plan(self, request: GenerateRequest) -> tuple[DraftRequest, dict[str, Any], DraftPipeline]:
         """Everything checked before any rendering: the draft request, its input files, the base model."""
         # 1. the draft request: style, template, LoRAs, pose, init image and face adapter resolved and checked
-        face = self._face_condition(request)
-        draft, inputs = build_draft_request(request, self.catalogue, self.config, self.cache, face)
-        check_draft(draft)
+        draft, inputs = self._draft_request(request)
         # 2. the base model (resolved, licence-checked, loaded once per cache)
         pipeline = open_draft_pipeline(self.config.draft.model, self.catalogue, self.config, self.cache)
         return draft, inputs, pipeline
+
+    def _draft_request(self, request: GenerateRequest) -> tuple[DraftRequest, dict[str, Any]]:
+        face = self._face_condition(request)
+        draft, inputs = build_draft_request(request, self.catalogue, self.config, self.cache, face)
+        check_draft(draft)
+        return draft, inputs
 
     def _render(
         self,
@@ -166,12 +209,18 @@ class Studio:
 
     # -- whole runs (what the command line calls) ----------------------------------------------------------
 
-    def generate(self, request: GenerateRequest, progress: Progress | None = None) -> GenerateResult:
-        """Draft → refine (with ``request.identity``) → save, writing each image as its batch finishes."""
-        return self._generate(request, progress, only_seed=None)
+    def generate(
+        self, request: GenerateRequest, progress: Progress | None = None, *, max_rerolls: int = 0
+    ) -> GenerateResult:
+        """Draft → refine (with ``request.identity``) → QA gate → save, each image as its batch finishes.
+
+        An image that fails the gate is rendered again with a new seed (``reroll_seed``) up to
+        ``max_rerolls`` times; one that still fails is written under ``failed-qa/``, marked in its name.
+        """
+        return self._generate(request, progress, only_seed=None, max_rerolls=max_rerolls)
 
     def _generate(
-        self, request: GenerateRequest, progress: Progress | None, only_seed: int | None
+        self, request: GenerateRequest, progress: Progress | None, only_seed: int | None, max_rerolls: int = 0
     ) -> GenerateResult:
         timings: dict[str, float] = {"load": 0.0, "draft": 0.0}
         # 1. check everything before any work: models, licences, identities (consent), the output folder
@@ -179,8 +228,8 @@ class Studio:
             plan = self._plan(request)
             setup = self._refine_setup(self._cast(request)) if self._refining(request) else None
             sink, config_file = self._start_sink(None, request.to_dict())  # the run's request, kept first
-        # 2. draft → refine → save, image by image (an interruption keeps the finished ones)
-        outputs, statuses, unchanged = [], [], []
+        # 2. draft → refine → gate (→ re-roll) → save, image by image (interrupted: finished ones are kept)
+        run = _RunLog(sink)
         drafts = self._render(request, plan, progress)
         while True:
             with _timed(timings, "draft"):
@@ -189,21 +238,22 @@ class Studio:
                 break
             if only_seed is not None and draft.recipe.seed != only_seed:
                 continue  # reproducing one image of a batch: the others are rendered, not written
-            result: Draft | Refined = draft
-            if setup is not None:
-                with _timed(timings, "refine"):
-                    refined = self._refine(draft, setup)
-                statuses.append(f"seed {draft.recipe.seed}: {refined.status_line}")
-                if refined.changed:
-                    result = refined
-                else:
-                    unchanged.append(f"seed {draft.recipe.seed}: {refined.message} (the draft was kept)")
+            label = f"seed {draft.recipe.seed}"
+            judged = self._refine_gated(draft, setup, timings, run, label)
+            key = (judged.refined or judged.picture).recipe.id  # the first try's: re-roll seeds derive from it
+            for attempt in range(1, max_rerolls + 1):
+                if judged.verdict.passed:
+                    break
+                seed = reroll_seed(key, attempt)
+                reasons = "; ".join(judged.verdict.reasons)
+                run.statuses.append(f"{label}: re-roll {attempt} with seed {seed} ({reasons})")
+                again = replace(request, seed=seed, count=1, batch_size=1)
+                with _timed(timings, "draft"):
+                    redraft = next(self._render(again, self._plan(again), progress))
+                judged = self._refine_gated(redraft, setup, timings, run, f"seed {seed}")
             with _timed(timings, "write"):
-                outputs.append(sink.write(result.image, result.recipe, _stem(result)))
-        notes = self._notes(refining=setup is not None)
-        return GenerateResult(
-            sink.run_id, tuple(outputs), config_file, timings, notes, tuple(statuses), tuple(unchanged)
-        )
+                run.write(judged, f"seed {judged.picture.recipe.seed}")
+        return run.result(config_file, timings, self._notes(refining=setup is not None))
 
     def refine_files(self, paths: list[Path], request: GenerateRequest) -> GenerateResult:
         """Refine existing pictures (e.g. a master creative) onto ``request.identity``; never overwrites."""
@@ -211,20 +261,23 @@ class Studio:
         with _timed(timings, "load"):
             setup = self._refine_setup(self._cast(request))
             sink, config_file = self._start_sink(None, request.to_dict())
-        outputs, statuses, unchanged = [], [], []
+        run = _RunLog(sink)
         for path in paths:
-            with _timed(timings, "refine"):
-                refined = self._refine(self.open(path), setup)
-            statuses.append(f"{Path(path).name}: {refined.status_line}")
-            if not refined.changed:
-                unchanged.append(f"{Path(path).name}: {refined.message} (no file written)")
-                continue
+            judged = self._refine_gated(self.open(path), setup, timings, run, Path(path).name)
             with _timed(timings, "write"):
-                outputs.append(sink.write(refined.image, refined.recipe, _stem(refined)))
-        notes = self._notes(refining=True)
-        return GenerateResult(
-            sink.run_id, tuple(outputs), config_file, timings, notes, tuple(statuses), tuple(unchanged)
-        )
+                run.write(judged, Path(path).name)
+        return run.result(config_file, timings, self._notes(refining=True))
+
+    def _refine_gated(
+        self, picture: Draft, setup: _RefineSetup | None, timings: dict[str, float], run: _RunLog, label: str
+    ) -> _Judged:
+        """Refine ``picture`` (when a cast is set up) and judge the result with the QA gate."""
+        if setup is None:
+            return _Judged(picture, None, gate(picture, self.content_check))
+        with _timed(timings, "refine"):
+            refined = self._refine(picture, setup)
+        run.statuses.append(f"{label}: {refined.status_line}")
+        return _Judged(picture, refined, gate(refined, self.content_check))
 
     def reproduce(self, image_path: Path, *, use_current_config: bool = False) -> Reproduction:
         """Render an image again from its recipe, under the recipe's own config unless told otherwise."""
@@ -272,36 +325,46 @@ class Studio:
             request.identity, select=request.select, index=request.face_index, match=request.match
         )
 
-    def _refine_setup(self, cast: Cast) -> _RefineSetup:
-        """Models (checked, licence applied) and identities (consent checked now, when the work starts)."""
+    def _refine_plan(self, cast: Cast) -> tuple[dict[str, ResolvedModel], dict[str, Identity]]:
+        """The refine models (resolved, licence applied; not loaded) and identities (consent checked now)."""
         models = refine_models(self.config, self.catalogue)
+        library, recognizer = self.identities, models["recognizer"].sha256
+        return models, {n: library.get(n, recognizer_sha256=recognizer) for n in cast.names}
+
+    def _refine_setup(self, cast: Cast) -> _RefineSetup:
+        """Models (checked, licence applied, loaded) and identities (consent checked as work starts)."""
+        models, identities = self._refine_plan(cast)
         loaded = load_face_models(models, self.config, self.cache)
-        library = self.identities
-        identities = {n: library.get(n, recognizer_sha256=loaded.recognizer_sha256) for n in cast.names}
-        digests = {n: identities[n].file_sha256 for n in cast.names}
-        return _RefineSetup(cast, loaded, identities, digests, {r: m.sha256 for r, m in models.items()})
+        return _RefineSetup(cast, loaded, identities, {r: m.sha256 for r, m in models.items()})
 
     def _refine(self, picture: Draft, setup: _RefineSetup) -> Refined:
         result = refine(
             picture.image, setup.cast, setup.identities, setup.models, self.config.refine, self.cache
         )
-        record = RefineRecord(
-            cast=setup.cast.text,
-            select=setup.cast.select or self.config.refine.select,
-            face_index=setup.cast.index,
-            match=setup.cast.match,
-            identities=setup.digests,
-            **result.to_recipe(),
-        )
-        recipe = self._refined_recipe(picture, record, setup)
+        record = self._refine_record(setup.cast, setup.identities, result.to_recipe())
+        recipe = self._refined_recipe(picture, record, setup.model_digests)
         return Refined(result.image, recipe, result.status, result.message, result.qa, picture.source)
 
-    def _refined_recipe(self, picture: Draft, record: RefineRecord, setup: _RefineSetup) -> Recipe:
-        models = {f"refine.{role}": sha for role, sha in setup.model_digests.items()}
+    def _refine_record(
+        self, cast: Cast, identities: Mapping[str, Identity], outcome: Mapping[str, Any]
+    ) -> RefineRecord:
+        return RefineRecord(
+            cast=cast.text,
+            select=cast.select or self.config.refine.select,
+            face_index=cast.index,
+            match=cast.match,
+            identities={n: identities[n].file_sha256 for n in cast.names},
+            **outcome,
+        )
+
+    def _refined_recipe(
+        self, picture: Draft, record: RefineRecord, model_digests: Mapping[str, str]
+    ) -> Recipe:
+        models = {f"refine.{role}": sha for role, sha in model_digests.items()}
         if picture.recipe.draft is not None:  # a fresh draft: one recipe with both stages
             draft = picture.recipe
             return replace(draft, refine=record, models={**draft.models, **models})
-        cast = setup.cast
+        cast = Cast.parse(record.cast, select=record.select, index=record.face_index, match=record.match)
         request = GenerateRequest(
             prompt="", identity=cast.text, select=cast.select, face_index=cast.index, match=cast.match
         )  # type: ignore[arg-type]
@@ -326,13 +389,18 @@ class Studio:
         inputs: dict[str, dict[str, str]],
     ) -> Recipe:
         record, models = draft_record(draft, pipeline.base, seed, batch, inputs)
+        return self._recipe(request, record, models, str(pipeline.device))
+
+    def _recipe(
+        self, request: GenerateRequest, record: DraftRecord, models: Mapping[str, str], device: str
+    ) -> Recipe:
         return Recipe(
             request=request.to_dict(),
             config=self._config_record,
             models=models,
             profile=self.config.profile,
             draft=record,
-            environment=environment(str(pipeline.device)),
+            environment=environment(device),
             notes=self._notes(refining=self._refining(request)),
         )
 
@@ -409,7 +477,64 @@ class Studio:
             notes.append(REFINE_SKIPPED)
         if refining and tiny:
             notes.append(TINY_DETECTOR_NOTE)
+        if self.content_check is no_content_check:
+            notes.append(NO_CONTENT_CHECK_NOTE)
         return tuple(notes)
+
+
+@dataclass(frozen=True, eq=False)
+class _Judged:
+    """A picture, its refine (None: no cast), and the QA gate's verdict on the result."""
+
+    picture: Draft
+    refined: Refined | None
+    verdict: Verdict
+
+
+class _RunLog:
+    """What one run wrote: passing outputs, outputs that failed QA (apart, marked), statuses."""
+
+    def __init__(self, sink: OutputSink) -> None:
+        self.sink = sink
+        self.outputs: list[Path] = []
+        self.failed_qa: list[Path] = []
+        self.statuses: list[str] = []
+        self.unchanged: list[str] = []
+
+    def write(self, judged: _Judged, label: str) -> None:
+        """A passing result beside the run's others, a QA failure under failed-qa/ (marked in its name).
+
+        A refine that changed nothing writes no refined file: a generate keeps its draft, a re-face of an
+        existing file writes nothing; both are listed in ``unchanged`` (the command exits 7).
+        """
+        picture, refined, verdict = judged.picture, judged.refined, judged.verdict
+        if refined is not None and not refined.changed:
+            kept = picture.source is None
+            self.unchanged.append(
+                f"{label}: {refined.message} (" + ("the draft was kept)" if kept else "no file written)")
+            )
+            if kept:
+                self.outputs.append(self.sink.write(picture.image, picture.recipe, _stem(picture)))
+            return
+        result = refined or picture
+        if verdict.passed:
+            self.outputs.append(self.sink.write(result.image, result.recipe, _stem(result)))
+            return
+        stem = f"{_stem(result)}-FAILED-QA"
+        self.failed_qa.append(self.sink.write(result.image, result.recipe, stem, subfolder=FAILED_QA_DIR))
+        self.statuses.append(f"{label}: FAILED QA ({'; '.join(verdict.reasons)}): {self.failed_qa[-1]}")
+
+    def result(self, config_file: Path, timings: dict[str, float], notes: tuple[str, ...]) -> GenerateResult:
+        return GenerateResult(
+            self.sink.run_id,
+            tuple(self.outputs),
+            config_file,
+            timings,
+            notes,
+            tuple(self.statuses),
+            tuple(self.unchanged),
+            tuple(self.failed_qa),
+        )
 
 
 def _check_inputs_unchanged(inputs: Mapping[str, Mapping[str, str]]) -> None:

@@ -70,6 +70,7 @@ class GenerateResult:
     notes: tuple[str, ...] = ()
     statuses: tuple[str, ...] = ()  # one line per refined image: what the refine stage did
     unchanged: tuple[str, ...] = ()  # refines that changed nothing (no file written for them)
+    failed_qa: tuple[Path, ...] = ()  # outputs that failed the QA gate after their re-rolls (failed-qa/)
 
 
 @dataclass(frozen=True)

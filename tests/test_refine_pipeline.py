@@ -17,6 +17,7 @@ from studio.faces.detect import detect_faces
 from studio.files import sha256_file
 from studio.imageio import read_image, read_metadata, write_image
 from studio.pipeline import Studio
+from studio.qa import reroll_seed
 from studio.recipe import Recipe
 from studio.request import GenerateRequest
 
@@ -141,9 +142,40 @@ def test_reenrolled_identity_is_named_when_pixels_differ(studio: Studio, photos:
     assert any(d.startswith("identity 'anna': file sha256") for d in again.differences), again.differences
 
 
-def test_qa_minimum_marks_failures(config: StudioConfig, photos: list[Path]) -> None:
+def test_qa_failure_is_written_apart_and_marked(config: StudioConfig, photos: list[Path]) -> None:
     strict = Studio(replace(config, refine=replace(config.refine, min_similarity=0.999)))
     strict.enrol("anna", photos, consent="release #123")
     result = strict.generate(GenerateRequest(prompt="x", identity="anna", **FAST))
     assert "FAILED QA" in result.statuses[0]
-    assert read_metadata(result.outputs[0]).recipe["refine"]["status"] == "failed_qa"
+    assert result.outputs == () and len(result.failed_qa) == 1
+    failed = result.failed_qa[0]
+    assert failed.parent.name == "failed-qa" and failed.name.endswith("-42-anna-FAILED-QA.png")
+    assert read_metadata(failed).recipe["refine"]["status"] == "failed_qa"
+    assert not list(failed.parent.parent.glob(f"{result.run_id}-*.png"))  # nothing beside the good ones
+
+
+def test_rerolls_use_derived_seeds_and_stop_at_the_budget(config: StudioConfig, photos: list[Path]) -> None:
+    strict = Studio(replace(config, refine=replace(config.refine, min_similarity=0.999)))
+    strict.enrol("anna", photos, consent="release #123")
+    result = strict.generate(GenerateRequest(prompt="x", identity="anna", **FAST), max_rerolls=2)
+    rerolls = [s for s in result.statuses if "re-roll" in s]
+    first = strict.planned_recipe(GenerateRequest(prompt="x", identity="anna", **FAST))
+    seeds = [reroll_seed(first.id, n) for n in (1, 2)]  # keyed by the first try's recipe id
+    assert len(rerolls) == 2
+    assert all(f"re-roll {n} with seed {s}" in line for n, s, line in zip((1, 2), seeds, rerolls, strict=True))
+    (failed,) = result.failed_qa
+    assert read_metadata(failed).recipe["draft"]["seed"] == seeds[1]  # the last try is the one kept
+
+
+def test_a_passing_reroll_is_written_normally(config: StudioConfig, photos: list[Path]) -> None:
+    calls: list[int] = []
+
+    def picky(image: np.ndarray) -> tuple[str, ...]:  # fails the first image it sees, passes the rest
+        calls.append(1)
+        return ("too dark",) if len(calls) == 1 else ()
+
+    studio = Studio(config, content_check=picky)
+    result = studio.generate(GenerateRequest(prompt="x", **FAST), max_rerolls=3)
+    assert len(calls) == 2 and result.failed_qa == () and len(result.outputs) == 1
+    assert "content: too dark" in result.statuses[0]
+    assert read_metadata(result.outputs[0]).recipe["draft"]["seed"] != 42

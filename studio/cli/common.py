@@ -78,7 +78,8 @@ def make_studio(
 def report(
     result: Any, setup_s: float, *, as_json: bool = False, extra: dict[str, Any] | None = None
 ) -> None:
-    """Print what a run did (or one JSON object); a refine that changed nothing exits non-zero (7)."""
+    """Print what a run did (or one JSON object); exit 9 if an output failed QA, 7 if a refine changed
+    nothing."""
     timings = {"setup": setup_s, **result.timings}
     if as_json:
         data = {
@@ -87,6 +88,7 @@ def report(
             "config": str(result.config_file),
             "statuses": list(result.statuses),
             "unchanged": list(result.unchanged),
+            "failed_qa": [str(p) for p in result.failed_qa],
             "notes": list(result.notes),
             "timings_s": {k: round(v, 4) for k, v in timings.items()},
             **(extra or {}),
@@ -103,6 +105,10 @@ def report(
         out.print(f"config {result.config_file}", highlight=False)
     for item in result.unchanged:
         err_console.print(f"[bold red]error:[/] refine changed nothing: {escape(item)}")
+    for path in result.failed_qa:
+        err_console.print(f"[bold red]error:[/] failed QA, written apart: {path}", highlight=False)
+    if result.failed_qa:
+        raise typer.Exit(9)
     if result.unchanged:
         raise typer.Exit(7)
 

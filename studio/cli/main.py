@@ -131,6 +131,12 @@ def generate(
     adapter_scale: Annotated[
         float | None, typer.Option("--adapter-scale", **_limits("adapter_scale"), help="Adapter strength.")
     ] = None,
+    max_rerolls: Annotated[
+        int,
+        typer.Option(
+            "--max-rerolls", min=0, max=100, help="Re-render a QA failure with a new seed up to N times."
+        ),
+    ] = 0,
     output_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: config).")] = None,
     profile: Profile = "default",
     config_file: ConfigFile = None,
@@ -170,7 +176,7 @@ def generate(
     )
     studio, setup_s = make_studio(profile, config_file, overrides, output_dir, debug, verbose)
     with step_progress(enabled=not as_json) as progress:
-        result = studio.generate(request, progress)
+        result = studio.generate(request, progress, max_rerolls=max_rerolls)
     report(result, setup_s, as_json=as_json)
 
 
