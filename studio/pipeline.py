@@ -116,7 +116,7 @@ class Studio:
         Its ``id`` and ``draft_key`` equal those of the output (campaign items are keyed by them).
         ``source``: an existing picture to refine (a re-face) instead of a draft.
         """
-        cast = self._cast(request) if source is not None or self._refining(request) else None
+        cast = self._cast(request) if source is not None or self.refines(request) else None
         if source is not None:
             picture = self.open(source)
         else:
@@ -132,11 +132,17 @@ class Studio:
         record = self._refine_record(cast, identities, {"status": "planned", "message": "", "faces_found": 0})
         return self._refined_recipe(picture, record, {r: m.sha256 for r, m in models.items()})
 
+    def check_cast(self, request: GenerateRequest) -> None:
+        """Refuse now (IdentityError) if an identity of ``request`` is unknown, revoked or made by another
+        recognizer: consent is checked when work starts, not only when it was planned."""
+        if request.identity:
+            self._refine_plan(self._cast(request))
+
     def rebase(self, draft: Draft, request: GenerateRequest) -> Draft:
         """A stored draft as the draft of ``request`` (several requests share a draft when only the
         refine differs: same ``draft_key``)."""
         recipe = replace(
-            draft.recipe, request=request.to_dict(), notes=self._notes(refining=self._refining(request))
+            draft.recipe, request=request.to_dict(), notes=self._notes(refining=self.refines(request))
         )
         return Draft(draft.image, recipe, draft.source)
 
@@ -226,7 +232,7 @@ class Studio:
         # 1. check everything before any work: models, licences, identities (consent), the output folder
         with _timed(timings, "load"):
             plan = self._plan(request)
-            setup = self._refine_setup(self._cast(request)) if self._refining(request) else None
+            setup = self._refine_setup(self._cast(request)) if self.refines(request) else None
             sink, config_file = self._start_sink(None, request.to_dict())  # the run's request, kept first
         # 2. draft → refine → gate (→ re-roll) → save, image by image (interrupted: finished ones are kept)
         run = _RunLog(sink)
@@ -240,7 +246,7 @@ class Studio:
                 continue  # reproducing one image of a batch: the others are rendered, not written
             label = f"seed {draft.recipe.seed}"
             judged = self._refine_gated(draft, setup, timings, run, label)
-            key = (judged.refined or judged.picture).recipe.id  # the first try's: re-roll seeds derive from it
+            key = (judged.refined or judged.picture).recipe.id  # re-roll seeds derive from the first try's
             for attempt in range(1, max_rerolls + 1):
                 if judged.verdict.passed:
                     break
@@ -309,7 +315,8 @@ class Studio:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _refining(self, request: GenerateRequest) -> bool:
+    def refines(self, request: GenerateRequest) -> bool:
+        """Whether ``request``'s pictures go through the refine stage (an identity given, refine enabled)."""
         if request.identity is None or (request.adapter and not self.config.refine.enabled):
             return False  # an adapter alone steers the draft; refine only when enabled
         if not self.config.refine.enabled:
@@ -401,7 +408,7 @@ class Studio:
             profile=self.config.profile,
             draft=record,
             environment=environment(device),
-            notes=self._notes(refining=self._refining(request)),
+            notes=self._notes(refining=self.refines(request)),
         )
 
     def _face_condition(self, request: GenerateRequest) -> FaceCondition | None:
