@@ -33,6 +33,7 @@ from studio.errors import InputError
 logger = logging.getLogger(__name__)
 
 CAMPAIGNS_DIR = "campaigns"
+STORE_FILE = "campaign.sqlite"
 Engine = Literal["local", "ray"]
 ExportLayout = Literal["folders", "csv", "json"]
 
@@ -63,8 +64,20 @@ class Campaign:
         self.manifest = manifest
         self.config = config
         self.folder = Path(config.output_dir) / CAMPAIGNS_DIR / manifest.name
-        self.store = CampaignStore(self.folder / "campaign.sqlite")
-        self._check_same_config()
+        self._store: CampaignStore | None = None
+
+    @property
+    def store(self) -> CampaignStore:
+        """The campaign store, created on first use (``plan`` alone writes nothing)."""
+        if self._store is None:
+            self._store = CampaignStore(self.folder / STORE_FILE)
+            self._check_same_config()
+        return self._store
+
+    @property
+    def exists(self) -> bool:
+        """Whether the campaign has a store (it was run or submitted before)."""
+        return (self.folder / STORE_FILE).is_file()
 
     @classmethod
     def load(
@@ -86,6 +99,13 @@ class Campaign:
 
         return plan_campaign(self.manifest, Studio(self.config))
 
+    def new_items(self, plan: Plan) -> int:
+        """How many of the plan's items the store does not hold yet (all, before the first run)."""
+        if not self.exists:
+            return len(plan.items)
+        known = {row.id for row in self.store.items()}
+        return sum(item.id not in known for item in plan.items)
+
     def submit(self, plan: Plan | None = None) -> int:
         """Add the plan's items to the store; returns how many are new (the same manifest twice adds none)."""
         return self.store.add_items((plan or self.plan()).items)
@@ -101,6 +121,9 @@ class Campaign:
         """Submit the manifest, then render every unfinished item (a rerun renders only what is left)."""
         with self._lock():
             self.submit()
+            self.store.recover()  # a killed run's items first become pending again
+            if not self.store.counts()["pending"]:
+                return RunSummary(self.store.counts())  # nothing unfinished: no worker is started
             pool = self._pool(engine, workers, address)
             try:
                 return run_items(
@@ -154,7 +177,8 @@ class Campaign:
 
     def close(self) -> None:
         """Close the store."""
-        self.store.close()
+        if self._store is not None:
+            self._store.close()
 
     # -- internals ------------------------------------------------------------------------------------
 
@@ -191,7 +215,7 @@ class Campaign:
     @contextmanager
     def _lock(self) -> Iterator[None]:
         """One coordinator per campaign: a second ``run`` is refused while the first holds the lock."""
-        path = self.folder / "campaign.lock"
+        path = self.store.path.parent / "campaign.lock"  # the store creates the folder
         handle = open(path, "a+")  # noqa: SIM115  (held for the whole run)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

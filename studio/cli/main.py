@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 
 from studio._version import __version__
+from studio.cli.campaign import campaign_app
 from studio.cli.common import (
     ConfigFile,
     Debug,
@@ -46,6 +47,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(styles_app, name="styles")
 app.add_typer(identity_app, name="identity")
 app.add_typer(config_app, name="config")
+app.add_typer(campaign_app, name="campaign")
 
 
 @app.callback(invoke_without_command=True)
@@ -261,6 +263,14 @@ def main() -> None:
         sys.exit(err.exit_code)
     except typer.TyperException as exc:  # typer's bundled click: usage errors, bad option values
         sys.exit(_usage_error(exc))
+    except OSError as err:  # a file problem no StudioError named: still one line, never a traceback
+        if debug:
+            traceback.print_exc()
+        name = f": {err.filename}" if getattr(err, "filename", None) else ""
+        problem = escape(f"{err.strerror or err}{name}")
+        err_console.print(f"[bold red]error:[/] {problem}", highlight=False)
+        err_console.print("fix: check the path, free disk space and permissions.", highlight=False)
+        sys.exit(6)
     except (KeyboardInterrupt, typer.Abort):
         err_console.print("interrupted: finished outputs are kept; nothing partial was written.")
         sys.exit(130)
