@@ -1,5 +1,6 @@
 # The two commands a fresh machine needs (see README): `make demo` and `make test`.
-# Both install what they need: uv (from PyPI) and the locked environment in .venv (uv.lock).
+# Both install what they need: uv (from PyPI) and the locked environment in .venv (uv.lock), compiled to
+# bytecode once (every `studio` command and campaign worker process starts seconds faster), with the ray extra.
 UV_VERSION := 0.13.8
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 PROMPT ?= a 30-year-old Nordic architect, round glasses, Copenhagen sunlight
@@ -8,7 +9,7 @@ PROMPT ?= a 30-year-old Nordic architect, round glasses, Copenhagen sunlight
 
 setup:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
-	$(UV) sync --frozen
+	$(UV) sync --frozen --extra ray --compile-bytecode
 
 # The main job on the tiny profile: enrol a demo identity (scikit-image's public-domain astronaut photo),
 # then draft two pictures and refine their faces to it.

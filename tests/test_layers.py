@@ -38,12 +38,13 @@ LAYERS: dict[str, int] = {
     "studio.output": 5,
     "studio.prepare": 5,
     "studio.results": 5,
+    "studio.qa": 5,
     "studio.pipeline": 6,
     "studio.api": 6,
-    "studio.cli": 7,
-    "studio.web": 7,
     "studio.batch": 7,
-    "studio.models.tiny": 8,  # a tool (the tiny kit builder): see TINY_IMPORTERS
+    "studio.cli": 8,
+    "studio.web": 8,
+    "studio.models.tiny": 9,  # a tool (the tiny kit builder): see TINY_IMPORTERS
 }
 INDEPENDENT = {4}  # ranks whose components are peers: draft never imports faces, nor faces draft
 TINY = "studio.models.tiny"

@@ -1,0 +1,311 @@
+"""Campaigns end to end on the tiny profile: manifest checks, planning, the store, the engine, resume."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+from skimage import data
+
+from studio.batch.campaign import Campaign
+from studio.batch.engine import Crash, run_items
+from studio.batch.manifest import ManifestError, load_manifest
+from studio.batch.store import CampaignStore
+from studio.batch.worker import Outcome, Task, Worker
+from studio.config import config_to_dict, load_config
+from studio.faces.identity import IdentityLibrary
+from studio.imageio import read_metadata, write_image
+from studio.pipeline import Studio
+from studio.qa import reroll_seed
+
+NAMES = [f"p{i}" for i in range(8)]
+
+
+@pytest.fixture
+def overrides(tiny_overrides: list[str], tmp_path: Path) -> list[str]:
+    return [*tiny_overrides, f"refine.identities_dir={str(tmp_path / 'ids')!r}"]
+
+
+@pytest.fixture
+def enrolled(overrides: list[str], tmp_path: Path) -> list[str]:
+    """Eight tiny identities (the tiny detector is a fixture: one photo serves them all)."""
+    photo = tmp_path / "photo.png"
+    write_image(photo, cv2.resize(data.astronaut()[:, :, ::-1], (256, 256)))  # RGB -> BGR
+    studio = Studio(load_config("tiny", overrides=overrides))
+    for name in NAMES:
+        studio.enrol(name, [photo], consent=f"release {name}, 2026-11-01")
+    return overrides
+
+
+def manifest(tmp_path: Path, body: str, name: str = "c.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+K8 = """
+[campaign]
+name = "k8"
+max_rerolls = 1
+[defaults]
+steps = 2
+[axes]
+identity = ["p0", "p1", "p2", "p3", "p4", "p5", "p6", "p7"]
+[[jobs]]
+name = "faces"
+prompt = "a portrait of a lighthouse keeper"
+identity = "{identity}"
+"""
+
+
+# --- the manifest: every error names the file, the key and the fix -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "fix"),
+    [
+        ('[campaign]\nname = "x"\nmax_reroll = 2\n[[jobs]]\nprompt = "a"', "campaign.max_reroll",
+         "max_rerolls"),
+        ('[campaign]\nname = "x"\n[axes.m]\nlocale = ["a", "b"]\nidentity = ["p0"]\n'
+         '[[jobs]]\nprompt = "{locale}"',
+         "axes.m", "same length"),
+        ('[campaign]\nname = "x"\n[axes]\ncharacter = ["elf"]\n[[jobs]]\nprompt = "a {charcter}"', "jobs[0]",
+         "{character}"),
+        ('[campaign]\nname = "x"\n[[jobs]]\nkind = "refine"\nimage = "m.png"', "jobs[0].identity", "cast"),
+        ('[campaign]\nname = "x"\n[[jobs]]\nkind = "paint"\nprompt = "a"', "jobs[0].kind", '"generate" or'),
+        ('[campaign]\nname = "x"\nseeds = 0\n[[jobs]]\nprompt = "a"', "campaign.seeds", "count"),
+    ],
+)  # fmt: skip
+def test_manifest_errors_name_file_key_and_fix(tmp_path: Path, body: str, key: str, fix: str) -> None:
+    path = manifest(tmp_path, body)
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: {key}:") and fix in message and "\n" not in message
+
+
+def test_plan_checks_identities_models_and_files_before_any_work(enrolled: list[str], tmp_path: Path) -> None:
+    IdentityLibrary(tmp_path / "ids").revoke("p3")
+    campaign = Campaign.load(manifest(tmp_path, K8), "tiny", overrides=enrolled)
+    with pytest.raises(ManifestError, match=r"jobs\[0\] \(faces\) at identity=p3.*revoked"):
+        campaign.plan()
+    missing = K8.replace(
+        'prompt = "a portrait of a lighthouse keeper"', 'kind = "refine"\nimage = "gone.png"'
+    )
+    with pytest.raises(ManifestError, match=r"gone\.png"):
+        Campaign.load(manifest(tmp_path, missing), "tiny", overrides=enrolled).plan()
+    lora = K8.replace("steps = 2", 'steps = 2\nloras = ["no-such-lora:0.5"]')
+    with pytest.raises(ManifestError, match="no-such-lora"):
+        Campaign.load(manifest(tmp_path, lora), "tiny", overrides=enrolled).plan()
+    assert not campaign.folder.exists()  # nothing was written
+
+
+def test_plan_is_deterministic_and_shares_one_draft(enrolled: list[str], tmp_path: Path) -> None:
+    campaign = Campaign.load(manifest(tmp_path, K8), "tiny", overrides=enrolled)
+    first, second = campaign.plan(), campaign.plan()
+    assert [i.id for i in first.items] == [i.id for i in second.items] and len(first.items) == 8
+    assert first.drafts == 1 and len({i.draft_key for i in first.items}) == 1
+    assert {i.seed for i in first.items} == {42}
+    assert first.counts() == {"jobs": {"faces": 8}, "axes": {"identity": 8, "seed": 1}}
+    assert campaign.submit(first) == 8 and campaign.submit(second) == 0  # the same manifest adds nothing
+
+
+def test_zip_groups_vary_together_and_items_group_by_lora_set(enrolled: list[str], tmp_path: Path) -> None:
+    body = """
+[campaign]
+name = "zip"
+seeds = [7, 9]
+[axes]
+style = ["film-noir", "studio-headshot"]
+[axes.market]
+locale = ["de-DE", "fr-FR", "ja-JP"]
+identity = ["p0", "p1", "p2"]
+[[jobs]]
+prompt = "an ad portrait, {locale} market"
+style = "{style}"
+identity = "{identity}"
+"""
+    plan = Campaign.load(manifest(tmp_path, body), "tiny", overrides=enrolled).plan()
+    pairs = {(i.axes["market"], i.request["identity"]) for i in plan.items}
+    assert pairs == {("de-DE / p0", "p0"), ("fr-FR / p1", "p1"), ("ja-JP / p2", "p2")}
+    assert len(plan.items) == 2 * 3 * 2 and plan.drafts == 12
+    loras = [i.loras for i in plan.items]
+    assert sum(a != b for a, b in itertools.pairwise(loras)) <= 1  # the LoRA set changes once
+
+
+# --- the store: interruptions are not crashes; two crashes quarantine ---------------------------
+
+
+def test_store_recovers_interrupted_and_quarantines_after_two_crashes(
+    enrolled: list[str], tmp_path: Path
+) -> None:
+    campaign = Campaign.load(manifest(tmp_path, K8), "tiny", overrides=enrolled)
+    campaign.submit()
+    store = campaign.store
+    a, b = (row.id for row in store.items()[:2])
+    store.start(a, 42, "w")  # a coordinator killed mid-item leaves it running
+    assert store.recover() == 1 and store.item(a).state == "pending" and store.item(a).crashes == 0
+    assert store.attempts(a)[0].state == "interrupted"
+    for n in (1, 2):
+        attempt = store.start(b, 42, "w")
+        state = store.fail(b, attempt, "crashed", error_class="WorkerCrash", stage="worker", message="died")
+        assert state == ("pending" if n == 1 else "failed")
+    assert "quarantined" in store.item(b).reasons[0]
+    assert store.requeue(["failed"]) == 1 and store.item(b).state == "pending"
+
+
+class _CrashingPool:
+    """One in-process Worker; crashes (like a dead worker process) on the items it is told to."""
+
+    size = 1
+
+    def __init__(self, config: dict, crash: set[str]) -> None:
+        self.worker, self.crash, self.task = Worker(config), crash, None
+
+    def submit(self, task: Task) -> None:
+        self.task = task
+
+    def next(self) -> Outcome | Crash:
+        task, self.task = self.task, None
+        assert task is not None
+        return Crash(task, "segfault") if task.item in self.crash else self.worker.run(task)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_crashing_item_is_quarantined_without_blocking_the_rest(
+    enrolled: list[str], tmp_path: Path
+) -> None:
+    campaign = Campaign.load(manifest(tmp_path, K8), "tiny", overrides=enrolled)
+    campaign.submit()
+    bad = campaign.store.items()[3].id
+    pool = _CrashingPool(config_to_dict(campaign.config), {bad})
+    summary = run_items(campaign.store, campaign.folder, pool, max_rerolls=1)
+    assert summary.counts["done"] == 7 and summary.counts["failed"] == 1
+    assert [a.state for a in campaign.store.attempts(bad)] == ["crashed", "crashed"]
+    assert summary.drafts_rendered == 1 and summary.drafts_reused == 6  # 1 draft; the 8th item crashed
+    for row in campaign.store.items(["done"]):
+        recipe = read_metadata(campaign.folder / row.output).recipe  # type: ignore[operator]
+        assert row.output == f"outputs/faces/{row.id}.png" and recipe["request"]["identity"] in NAMES
+
+
+def test_qa_failures_reroll_with_derived_seeds_then_go_apart(enrolled: list[str], tmp_path: Path) -> None:
+    body = (
+        K8.replace("max_rerolls = 1", "max_rerolls = 2")
+        .replace("[defaults]", '[config]\n"refine.min_similarity" = 0.999\n[defaults]')
+        .replace('["p0", "p1", "p2", "p3", "p4", "p5", "p6", "p7"]', '["p0"]')
+    )
+    campaign = Campaign.load(manifest(tmp_path, body), "tiny", overrides=enrolled)
+    campaign.submit()
+    pool = _CrashingPool(config_to_dict(campaign.config), set())
+    run_items(campaign.store, campaign.folder, pool, max_rerolls=2)
+    (row,) = campaign.store.items()
+    assert row.state == "failed_qa" and row.output == f"outputs/failed-qa/{Path(row.output).stem}.png"
+    seeds = [a.seed for a in campaign.store.attempts(row.id)]
+    assert seeds == [42, reroll_seed(row.id, 1), reroll_seed(row.id, 2)]
+    assert all("similarity" in a.qa["reasons"][0] for a in campaign.store.attempts(row.id))  # type: ignore[index]
+
+
+def test_revoked_identity_blocks_its_items_with_the_reason(enrolled: list[str], tmp_path: Path) -> None:
+    campaign = Campaign.load(manifest(tmp_path, K8), "tiny", overrides=enrolled)
+    campaign.submit()  # planned while consent held
+    IdentityLibrary(tmp_path / "ids").revoke("p5")  # revoked mid-campaign
+    pool = _CrashingPool(config_to_dict(campaign.config), set())
+    summary = run_items(campaign.store, campaign.folder, pool, max_rerolls=1)
+    (blocked,) = campaign.store.items(["blocked"])
+    assert blocked.request["identity"] == "p5" and "revoked" in blocked.reasons[0]
+    assert campaign.store.attempts(blocked.id)[0].stage == "consent"
+    assert summary.counts["done"] == 7
+
+
+# --- real worker processes: a killed worker is a crash; kill -9 of the whole run loses nothing -----
+
+
+def test_local_pool_reports_a_killed_worker_as_a_crash(enrolled: list[str], tmp_path: Path) -> None:
+    from studio.batch.engine import LocalPool
+
+    campaign = Campaign.load(manifest(tmp_path, K8), "tiny", overrides=enrolled)
+    campaign.submit()
+    row = campaign.store.items()[0]
+    pool = LocalPool(config_to_dict(campaign.config), size=1)
+    try:
+        task = Task(row.id, 1, row.kind, row.request)
+        pool.submit(task)
+        os.kill(pool._workers[0].process.pid, signal.SIGKILL)
+        crash = pool.next()
+        assert isinstance(crash, Crash) and crash.task == task and "died" in crash.message
+        pool.submit(task)  # the replacement worker runs it
+        outcome = pool.next()
+        assert isinstance(outcome, Outcome) and outcome.state == "done"
+    finally:
+        pool.close()
+
+
+KILL = """
+[campaign]
+name = "kill"
+[defaults]
+steps = 2
+[axes]
+character = ["elf", "dwarf", "orc", "gnome", "troll", "giant"]
+identity = ["p0", "p1"]
+[[jobs]]
+prompt = "a {character}"
+identity = "{identity}"
+"""
+
+
+def test_kill_9_at_random_points_loses_and_duplicates_nothing(enrolled: list[str], tmp_path: Path) -> None:
+    path = manifest(tmp_path, KILL)
+    studio_exe = str(Path(sys.executable).parent / "studio")
+    command = [studio_exe, "campaign", "run", str(path), "--profile", "tiny"]
+    for item in enrolled:
+        command += ["--set", item]
+    campaign = Campaign.load(path, "tiny", overrides=enrolled)
+    total = len(campaign.plan().items)
+    store_path = campaign.folder / "campaign.sqlite"
+    rng = random.Random(20261203)
+    kills = []
+    for _trial in range(5):
+        target = rng.randint(0, total - 1)  # kill once this many more items are done, plus a random delay
+        before = _done(store_path)
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while process.poll() is None and _done(store_path) < min(before + target, total):
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.4))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills.append(_done(store_path))
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    store = CampaignStore(store_path)
+    rows = store.items()
+    assert len(rows) == total and all(row.state == "done" for row in rows), kills
+    for row in rows:  # done exactly once, never rendered again once done
+        states = [a.state for a in store.attempts(row.id)]
+        assert states.count("done") == 1 and states[-1] == "done", states
+    outputs = sorted(p.name for p in (campaign.folder / "outputs").rglob("*.png"))
+    assert outputs == sorted(f"{row.id}.png" for row in rows)  # no duplicate, nothing extra
+    drafts = list((campaign.folder / "drafts").glob("*.png"))
+    assert len(drafts) == len({row.draft_key for row in rows})
+    assert not [p for p in campaign.folder.rglob("*") if "~studio-tmp~" in p.name]  # no partial file
+
+
+def _done(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    try:
+        with sqlite3.connect(path, timeout=5) as db:
+            return db.execute("SELECT COUNT(*) FROM items WHERE state = 'done'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
