@@ -119,7 +119,9 @@ def _check_run_rerun_report_export(
     # 4. report: one contact sheet per job (and per extra axis value), the offline page
     report = ws.studio("campaign", "report", str(manifest))
     assert report.returncode == 0, report.stderr
-    wrote = [Path(line.removeprefix("wrote ")) for line in report.stdout.splitlines() if line.startswith("wrote ")]
+    wrote = [
+        Path(line.removeprefix("wrote ")) for line in report.stdout.splitlines() if line.startswith("wrote ")
+    ]
     assert [p.name for p in wrote] == [*(f"{s}.png" for s in sheets), "index.html"]
     for sheet in wrote[:-1]:
         assert read_image(sheet).std() > 0
@@ -164,7 +166,9 @@ def test_ad_localisation_example(workspace: Workspace) -> None:
     _check_plan(workspace, manifest, items, drafts, lines)
     rows = _check_run_rerun_report_export(workspace, manifest, items, drafts, ["master-refaced", "variants"])
     # the zip group: each locale with its own identity (6 markets, not 36 combinations)
-    pairs = {f"{locale} / {identity}" for locale, identity in zip(*table["axes"]["market"].values(), strict=True)}
+    pairs = {
+        f"{locale} / {identity}" for locale, identity in zip(*table["axes"]["market"].values(), strict=True)
+    }
     assert {row["axes"]["market"] for row in rows} == pairs
     refaced = [row for row in rows if row["job"] == "master-refaced"]
     master = read_image(EXAMPLES / "master.png")
