@@ -51,6 +51,9 @@ def main() -> None:
         root = Path(tmp)
         base = [f"models.dir={str(root / 'models')!r}", f"refine.identities_dir={str(root / 'ids')!r}"]
         _enrol(root, base)
+        if args.only_ray:
+            print(f"RESULT ray_speedup_2w={_ray_speedup(root, base, args.ray_items)[0]:.3f}")
+            return
         k8 = _draft_reuse(root, base)
         overhead = _engine_overhead(root, base, args)
         resumed = _resume(root, base, overhead["last_engine_out"])
@@ -60,7 +63,8 @@ def main() -> None:
     print(f"(b) engine overhead over direct Studio calls ({args.items} items, whole processes): "
           f"{overhead['pct']:.1f} % (paired ratios {overhead['ratios']})")  # fmt: skip
     print(f"    A/A control (engine against engine): {overhead['aa_pct']:.1f} %")
-    print(f"    engine: worker start-up {overhead['startup_s']:.1f} s (median), plan + submit "
+    print(f"    engine: worker start-up {overhead['startup_s']:.1f} s (median; spawn, imports, Studio: "
+          f"models load on the first item), plan + submit "
           f"{overhead['plan_s']:.1f} s, rendering {overhead['engine_item_ms']:.0f} ms/item; direct: "
           f"Studio calls {overhead['direct_item_ms']:.0f} ms/item (first model loads included)")  # fmt: skip
     print(f"    steady per-item overhead (engine rendering / direct calls - 1): {overhead['item_pct']:.1f} %")
@@ -81,6 +85,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=2, help="A/B pairs of (b), besides the A/A pair")
     parser.add_argument("--ray-items", type=int, default=20, help="items of (d)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only-ray", action="store_true", help="run (d) alone")
     parser.add_argument("--child", choices=("engine", "direct"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -276,19 +281,29 @@ def _ray_speedup(root: Path, base: list[str], items: int) -> tuple[float, str]:
     manifest = _items_manifest(root, "ray", items)
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)  # once, before both runs
     try:
-        rates = {}
+        rates, steady = {}, {}
         for workers in (1, 2):
             campaign = _campaign(manifest, base, root / f"out-ray-{workers}")
+            finished: list[float] = []  # when each item finished (the progress callback's times)
+
+            def progress(counts: Any, finished: list[float] = finished) -> None:
+                finished.append(time.perf_counter())
+
             try:
-                summary = campaign.run("ray", workers=workers)
+                begin = time.perf_counter()
+                summary = campaign.run("ray", workers=workers, progress=progress)
             finally:
                 campaign.close()
             done = summary.counts["done"]
-            rates[workers] = done / summary.seconds
-            print(f"    ray, {workers} worker(s): {done} items in {summary.seconds:.1f} s "
-                  f"({rates[workers]:.2f} items/s)", flush=True)  # fmt: skip
+            rates[workers] = done / summary.seconds  # the run itself: actors' start-up excluded
+            # steady: after each actor's first item (which loads its models), to the last item
+            steady[workers] = (done - workers) / (finished[-1] - finished[workers - 1])
+            print(f"    ray, {workers} worker(s): {done} items in {summary.seconds:.1f} s of run "
+                  f"({time.perf_counter() - begin:.1f} s with actor start-up): {rates[workers]:.2f} items/s, "
+                  f"{steady[workers]:.2f} items/s after each actor's first item", flush=True)  # fmt: skip
     finally:
         ray.shutdown()
+    print(f"    steady-state speedup (after the model loads): {steady[2] / steady[1]:.2f}x")
     return rates[2] / rates[1], ""
 
 

@@ -162,7 +162,8 @@ def test_rerolls_use_derived_seeds_and_stop_at_the_budget(config: StudioConfig, 
     first = strict.planned_recipe(GenerateRequest(prompt="x", identity="anna", **FAST))
     seeds = [reroll_seed(first.id, n) for n in (1, 2)]  # keyed by the first try's recipe id
     assert len(rerolls) == 2
-    assert all(f"re-roll {n} with seed {s}" in line for n, s, line in zip((1, 2), seeds, rerolls, strict=True))
+    expected = [f"re-roll {n} with seed {seed}" for n, seed in zip((1, 2), seeds, strict=True)]
+    assert all(text in line for text, line in zip(expected, rerolls, strict=True))
     (failed,) = result.failed_qa
     assert read_metadata(failed).recipe["draft"]["seed"] == seeds[1]  # the last try is the one kept
 

@@ -23,7 +23,6 @@ from typing import Any, Protocol
 from studio.batch.store import CampaignStore, ItemRow, worker_name
 from studio.batch.worker import Outcome, Task, Worker
 from studio.errors import RuntimeSetupError, StudioError
-from studio.imageio import read_metadata
 from studio.output import OutputSink
 from studio.qa import reroll_seed
 from studio.recipe import Recipe
@@ -62,6 +61,7 @@ class RunSummary:
     drafts_reused: int = 0
     seconds: float = 0.0
     blocked: list[str] = field(default_factory=list)
+    notes: dict[str, None] = field(default_factory=dict)  # the outputs' recipe notes, each once
 
 
 def run_items(
@@ -110,6 +110,7 @@ def run_items(
         summary.counts = store.counts()
         if progress is not None:
             progress(summary.counts)
+    store.add_notes(summary.notes)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -156,6 +157,7 @@ def _record(
         summary.drafts_reused += 1
     # 2. the output (a QA failure with re-rolls left is not written: the item goes again with a new seed)
     recipe = Recipe.from_json(outcome.recipe or "")
+    summary.notes.update(dict.fromkeys(recipe.notes))
     reroll = outcome.state == "failed_qa" and task.kind == "generate" and row.rerolls < max_rerolls
     output = None
     if not reroll:
@@ -167,14 +169,6 @@ def _record(
         task.item, task.attempt, outcome.state, output=output, qa=outcome.qa, draft_rendered=rendered,
         seconds=outcome.seconds, reroll=reroll,
     )  # fmt: skip
-
-
-def output_recipe(folder: Path, row: ItemRow) -> Recipe | None:
-    """The recipe stored in an item's output file (None when it has none)."""
-    if row.output is None:
-        return None
-    meta = read_metadata(folder / row.output)
-    return Recipe.from_dict(meta.recipe) if meta.recipe else None
 
 
 # -- the local pool: worker processes on this machine ---------------------------------------------------

@@ -200,6 +200,7 @@ def render_html(
     parts = [
         _HEAD.replace("{title}", f"Campaign {name}"),
         f"<h1>Campaign {name}</h1>",
+        *(f"<p class='note'><b>note:</b> {html.escape(note)}</p>" for note in campaign.store.notes()),
         "<table class='counts'><tr>" + "".join(f"<th>{html.escape(s)}</th>" for s in STATES),
         "<th>total</th></tr><tr>" + "".join(f"<td>{counts.get(s, 0)}</td>" for s in STATES),
         f"<td>{len(rows)}</td></tr></table>",
@@ -445,6 +446,7 @@ body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin-bottom: 1.5em; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: middle; }
 th { background: #f2f2f2; }
+.note { background: #fff7d6; border: 1px solid #e0c860; padding: 4px 8px; display: inline-block; }
 td img { max-width: 160px; max-height: 160px; display: block; }
 .tile { width: 120px; height: 120px; background: #787878; color: #fff; display: flex;
         align-items: center; justify-content: center; }

@@ -128,6 +128,16 @@ class CampaignStore:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
+    def notes(self) -> tuple[str, ...]:
+        """What the outputs' recipes say about how they were made (e.g. the tiny profile's placeholders)."""
+        return tuple(json.loads(self.meta("notes") or "[]"))
+
+    def add_notes(self, notes: Iterable[str]) -> None:
+        """Remember the outputs' notes (kept in first-seen order, each once)."""
+        merged = tuple(dict.fromkeys((*self.notes(), *notes)))
+        if merged != self.notes():
+            self.set_meta("notes", _json(list(merged)))
+
     # -- items --------------------------------------------------------------------------------------
 
     def add_items(self, items: Sequence[Item]) -> int:

@@ -223,6 +223,8 @@ def _finish(campaign: Any, counts: Mapping[str, int], as_json: bool, extra: Mapp
     if as_json:
         print(json.dumps({"campaign": campaign.manifest.name, "counts": dict(counts), **extra}))
     else:
+        for note in campaign.store.notes():
+            out.print(f"[bold yellow]note:[/] {escape(note)}")
         out.print(_counts_line(campaign.manifest.name, counts))
         out.print(f"folder {campaign.folder}", highlight=False)
     unfinished = sum(counts[s] for s in ("failed_qa", "failed", "blocked"))

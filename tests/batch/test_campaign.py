@@ -24,8 +24,8 @@ from studio.batch.worker import Outcome, Task, Worker
 from studio.config import config_to_dict, load_config
 from studio.faces.identity import IdentityLibrary
 from studio.imageio import read_metadata, write_image
-from studio.pipeline import Studio
-from studio.qa import reroll_seed
+from studio.pipeline import TINY_NOTE, Studio
+from studio.qa import NO_CONTENT_CHECK_NOTE, reroll_seed
 
 NAMES = [f"p{i}" for i in range(8)]
 
@@ -192,11 +192,14 @@ def test_a_crashing_item_is_quarantined_without_blocking_the_rest(
     pool = _CrashingPool(config_to_dict(campaign.config), {bad})
     summary = run_items(campaign.store, campaign.folder, pool, max_rerolls=1)
     assert summary.counts["done"] == 7 and summary.counts["failed"] == 1
+    assert TINY_NOTE in campaign.store.notes() and NO_CONTENT_CHECK_NOTE in campaign.store.notes()
     assert [a.state for a in campaign.store.attempts(bad)] == ["crashed", "crashed"]
     assert summary.drafts_rendered == 1 and summary.drafts_reused == 6  # 1 draft; the 8th item crashed
     for row in campaign.store.items(["done"]):
         recipe = read_metadata(campaign.folder / row.output).recipe  # type: ignore[operator]
         assert row.output == f"outputs/faces/{row.id}.png" and recipe["request"]["identity"] in NAMES
+    again = pool.worker.studio.reproduce(campaign.folder / row.output)  # type: ignore[operator]
+    assert again.identical, again.differences  # a campaign output's recipe is complete
 
 
 def test_qa_failures_reroll_with_derived_seeds_then_go_apart(enrolled: list[str], tmp_path: Path) -> None:
@@ -286,6 +289,7 @@ def test_kill_9_at_random_points_loses_and_duplicates_nothing(enrolled: list[str
         process.send_signal(signal.SIGKILL)
         process.wait()
         kills.append(_done(store_path))
+    print(f"kill -9 trials: items done at each kill {kills} of {total}")  # shown with pytest -s
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr
     store = CampaignStore(store_path)

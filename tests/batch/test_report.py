@@ -178,10 +178,12 @@ class _Refs(HTMLParser):
 
 
 def test_html_page_is_self_contained(campaign: Campaign) -> None:
+    campaign.store.add_notes(["tiny profile: the pictures are <NOT> portraits"])
     page = campaign.report().html
     assert page == campaign.folder / "report" / "index.html"
     text = page.read_text(encoding="utf-8")
     assert "http://" not in text and "https://" not in text
+    assert "tiny profile: the pictures are &lt;NOT&gt; portraits" in text  # placeholders are labelled
     for row in campaign.store.items():
         assert row.id[:12] in text
         assert all(f"<td>{value}</td>" in text for value in row.axes.values())
