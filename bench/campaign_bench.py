@@ -1,6 +1,6 @@
 """Campaign benchmark on the tiny profile; prints figures and ratios measured in one run.
 
-    uv run python bench/campaign_bench.py [--items 40] [--pairs 2] [--ray-items 20] [--threads 1]
+    uv run python bench/campaign_bench.py [--items 40] [--pairs 3] [--ray-items 24] [--threads 1] [--only-ray]
 
 Temp folders throughout; the bench enrols its own tiny identities (scikit-image's public-domain astronaut).
 (a) draft reuse: one prompt x 8 identities (a plain identity axis, one seed) run by ``Campaign.run()``:
@@ -82,8 +82,8 @@ def _args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--items", type=int, default=40, help="items of (b) and (c): prompts x 4 seeds")
-    parser.add_argument("--pairs", type=int, default=2, help="A/B pairs of (b), besides the A/A pair")
-    parser.add_argument("--ray-items", type=int, default=20, help="items of (d)")
+    parser.add_argument("--pairs", type=int, default=3, help="A/B pairs of (b), besides the A/A pair")
+    parser.add_argument("--ray-items", type=int, default=24, help="items of (d)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only-ray", action="store_true", help="run (d) alone")
     parser.add_argument("--child", choices=("engine", "direct"), help=argparse.SUPPRESS)

@@ -109,6 +109,7 @@ class RuntimeConfig:
     device: Device = "auto"
     dtype: DType = "auto"
     onnx_providers: OnnxProviders = "auto"
+    threads: int = field(default=0, metadata=bounds(0, 1024))  # ONNX Runtime intra-op threads; 0: its default
 
     def __post_init__(self) -> None:
         check_fields(self, "runtime.")

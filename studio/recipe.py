@@ -31,7 +31,9 @@ if TYPE_CHECKING:  # annotations only: recipes stay light (no model library is i
 
 RECIPE_VERSION = 2
 LIBRARIES = ("torch", "diffusers", "transformers", "onnxruntime", "insightface", "peft")
-_PATH_KEYS = ("output_dir",)  # config keys that say where, not what (ignored when comparing and keying)
+# config keys that say where or how fast, not what (ignored when comparing and keying recipes)
+_PATH_KEYS = ("output_dir",)
+_RUNTIME_HOW = ("threads",)
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ class Recipe:
             return None
         record = asdict(self.draft)
         record["inputs"] = {k: v["sha256"] for k, v in self.draft.inputs.items()}  # content, not paths
-        runtime = {k: self.config.get(k) for k in ("runtime", "performance")}
+        runtime = {k: _what(self.config).get(k) for k in ("runtime", "performance")}
         return _digest({"draft": record, "runtime": runtime})
 
     @property
@@ -326,8 +328,11 @@ def _record(cls: type, data: Mapping[str, Any] | None) -> Any:
 
 
 def _what(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The config without where-to-write keys."""
-    return {k: v for k, v in config.items() if k not in _PATH_KEYS}
+    """The config without where-to-write and how-many-threads keys."""
+    what = {k: v for k, v in config.items() if k not in _PATH_KEYS}
+    if isinstance(what.get("runtime"), Mapping):
+        what["runtime"] = {k: v for k, v in what["runtime"].items() if k not in _RUNTIME_HOW}
+    return what
 
 
 def _short(sha: str | None) -> str:

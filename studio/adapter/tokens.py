@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from studio.errors import IdentityError, InputError, ModelError
-from studio.models.runtime import check_session_providers
+from studio.models.runtime import check_session_providers, session_options
 from studio.types import Identity, ImageBGR
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ Tokens = npt.NDArray[np.float32]  # (N, T, C) float32: T = H*W spatial tokens of
 class FaceTokenEncoder:
     """Face tokens (N, H*W, C) and L2-normed embeddings (N, 512) of aligned crops, one ORT run."""
 
-    def __init__(self, model_path: Path, providers: Sequence[str]) -> None:
+    def __init__(self, model_path: Path, providers: Sequence[str], threads: int = 0) -> None:
         # onnx and onnxruntime load here, with the first encoder: identity files need neither
         import onnxruntime as ort
         from onnx import helper
@@ -51,7 +51,8 @@ class FaceTokenEncoder:
         self.token_output = _token_tensor(model.graph, self.model_path)
         elem_type = model.graph.input[0].type.tensor_type.elem_type
         model.graph.output.append(helper.make_tensor_value_info(self.token_output, elem_type, None))
-        self.session = ort.InferenceSession(model.SerializeToString(), providers=list(providers))
+        options = session_options(threads)
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
         self.providers = check_session_providers(self.session, list(providers), self.model_path)
         self._token_shape = self._probe_token_shape()
 

@@ -44,6 +44,8 @@ class ReportFiles:
 
     sheets: tuple[Path, ...]  # one labelled contact sheet (PNG) per job (and per value of extra axes)
     html: Path  # report/index.html, self-contained (opens offline)
+
+
 _IGNORED = ("output_dir", "explicit_keys")  # config keys that do not change what a campaign makes
 
 
@@ -136,10 +138,11 @@ class Campaign:
         """Items per state, and every item."""
         return Status(self.manifest.name, self.folder, self.store.counts(), self.store.items())
 
-    def retry(self, *, failed_qa: bool = False, items: Sequence[str] = ()) -> int:
-        """Queue failed items again (``failed_qa``: those too, with a new seed); returns how many."""
+    def retry(self, *, failed: bool = True, failed_qa: bool = False, items: Sequence[str] = ()) -> int:
+        """Queue failed and blocked items again (``failed``), and those that failed QA with a new seed
+        (``failed_qa``); ``items`` limits either to those ids. Returns how many were queued."""
         ids = [self.store.item(i).id for i in items] or None
-        count = self.store.requeue(["failed", "blocked"], ids)
+        count = self.store.requeue(["failed", "blocked"], ids) if failed else 0
         if failed_qa:
             count += self.store.requeue(["failed_qa"], ids, reroll=True)
         return count

@@ -162,7 +162,7 @@ def _axes(table: Mapping[str, Any], where: _Where) -> tuple[Axis, ...]:
     for name, value in table.items():
         key = f"axes.{name}"
         if isinstance(value, Mapping):  # a zip group
-            lists = {var: _axis_values(v, f"{key}.{var}", where) for var, v in value.items()}
+            lists = {var: _axis_values(v, f"{key}.{var}", where, unique=False) for var, v in value.items()}
             if not lists:
                 raise where.error(key, "the zip group is empty", "give it lists of equal length")
             lengths = {var: len(v) for var, v in lists.items()}
@@ -170,6 +170,9 @@ def _axes(table: Mapping[str, Any], where: _Where) -> tuple[Axis, ...]:
                 found = ", ".join(f"{var} has {n}" for var, n in lengths.items())
                 raise where.error(key, f"zip lists differ in length ({found})", "give each the same length")
             count = next(iter(lengths.values()))
+            rows = list(zip(*lists.values(), strict=True))
+            if len(set(rows)) != len(rows):
+                raise where.error(key, "a combination of values is listed twice", "list each one once")
             axes.append(Axis(name, tuple({v: lists[v][i] for v in lists} for i in range(count))))
         else:
             axes.append(Axis(name, tuple({name: v} for v in _axis_values(value, key, where))))
@@ -183,13 +186,13 @@ def _axes(table: Mapping[str, Any], where: _Where) -> tuple[Axis, ...]:
     return tuple(axes)
 
 
-def _axis_values(value: Any, key: str, where: _Where) -> list[str]:
+def _axis_values(value: Any, key: str, where: _Where, unique: bool = True) -> list[str]:
     if not isinstance(value, list) or not value:
         raise where.error(key, f"{value!r} received", "give a non-empty list of values")
     if not all(isinstance(v, str | int | float) and not isinstance(v, bool) for v in value):
         raise where.error(key, "values must be strings or numbers", 'e.g. ["elf ranger", "dwarf smith"]')
     values = [str(v) for v in value]
-    if len(set(values)) != len(values):
+    if unique and len(set(values)) != len(values):
         raise where.error(key, "a value is listed twice", "list each value once")
     return values
 

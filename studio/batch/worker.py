@@ -57,7 +57,8 @@ class Worker:
         from studio.config import config_from_dict
         from studio.pipeline import Studio
 
-        self.studio = Studio(config_from_dict(config))
+        runtime = {**config.get("runtime", {}), "threads": threads}  # ONNX Runtime sessions too
+        self.studio = Studio(config_from_dict({**config, "runtime": runtime}))
 
     def run(self, task: Task) -> Outcome:
         """Consent → draft (or reuse a stored draft) → refine → QA gate, for one attempt."""
@@ -132,8 +133,10 @@ def _error(task: Task, state: Literal["failed", "blocked"], err: Exception, stag
 
 
 def _limit_threads(threads: int) -> None:
-    """One thread per worker by default: N workers share the cores without oversubscription, and the
-    results do not depend on how many threads a machine happens to have."""
+    """One thread per worker by default (torch, OpenCV; ONNX Runtime through runtime.threads): N workers
+    share the cores without oversubscription, and results do not depend on a machine's core count."""
+    import cv2
     import torch
 
     torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)

@@ -150,6 +150,9 @@ def retry_command(
         list[str] | None, typer.Option("--item", help="Re-roll this item (id or prefix).")
     ] = None,
     engine: Annotated[str, typer.Option("--engine", help="local or ray.")] = "local",
+    address: Annotated[
+        str | None, typer.Option("--address", help="Ray cluster address (--engine ray).")
+    ] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, max=256, help="Workers.")] = 1,
     profile: Profile = "default",
     config_file: ConfigFile = None,
@@ -165,14 +168,14 @@ def retry_command(
 
         raise InputError("Nothing to retry was named.", fix="pass --failed, --failed-qa or --item ID.")
     campaign = _open(manifest, profile, config_file, overrides, output_dir, debug, verbose)
-    queued = campaign.retry(failed_qa=failed_qa) if failed or failed_qa else 0
+    queued = campaign.retry(failed=failed, failed_qa=failed_qa) if failed or failed_qa else 0
     for item in items or []:
         campaign.reroll(item)
         queued += 1
     if not as_json:
         out.print(f"queued {queued} item(s) again")
     with _progress(enabled=not as_json) as update:
-        summary = campaign.run(engine, workers=workers, progress=update)  # type: ignore[arg-type]
+        summary = campaign.run(engine, workers=workers, address=address, progress=update)  # type: ignore[arg-type]
     _finish(campaign, summary.counts, as_json, {"queued": queued, "attempts": summary.attempts})
 
 

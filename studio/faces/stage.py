@@ -87,16 +87,16 @@ def refine_models(config: StudioConfig, catalogue: Catalogue) -> dict[str, Resol
 
 def load_face_model(model: ResolvedModel, config: StudioConfig, cache: ModelCache) -> Any:
     """One insightface model (detector, recognizer or swapper), loaded once per process."""
-    providers = onnx_providers(config.runtime.onnx_providers)
-    key = ("insightface", model.sha256, tuple(providers))
-    return cache.get(key, lambda: load_insightface_model(model.path, providers))
+    providers, threads = onnx_providers(config.runtime.onnx_providers), config.runtime.threads
+    key = ("insightface", model.sha256, tuple(providers), threads)
+    return cache.get(key, lambda: load_insightface_model(model.path, providers, threads))
 
 
 def load_token_encoder(model: ResolvedModel, config: StudioConfig, cache: ModelCache) -> FaceTokenEncoder:
     """The recognizer graph with its face-token output exposed (for enrolment), built once per process."""
-    providers = onnx_providers(config.runtime.onnx_providers)
-    key = ("face-tokens", model.sha256, tuple(providers))
-    return cache.get(key, lambda: FaceTokenEncoder(model.path, providers))
+    providers, threads = onnx_providers(config.runtime.onnx_providers), config.runtime.threads
+    key = ("face-tokens", model.sha256, tuple(providers), threads)
+    return cache.get(key, lambda: FaceTokenEncoder(model.path, providers, threads))
 
 
 def load_face_models(

@@ -100,22 +100,33 @@ def check_session_providers(session: Any, requested: Sequence[str], model: Path)
     return active
 
 
-def create_session(model: Path, requested: Sequence[str]) -> ort.InferenceSession:
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    """ORT session options: ``threads`` intra-op threads (0: ORT's default, one per core)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def create_session(model: Path, requested: Sequence[str], threads: int = 0) -> ort.InferenceSession:
     """An ORT session for ``model`` on exactly the requested providers."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model), providers=list(requested))
+    session = ort.InferenceSession(str(model), session_options(threads), providers=list(requested))
     check_session_providers(session, requested, model)
     return session
 
 
-def load_insightface_model(model: Path, requested: Sequence[str]) -> Any:
+def load_insightface_model(model: Path, requested: Sequence[str], threads: int = 0) -> Any:
     """An insightface model-zoo object (SCRFD, ArcFaceONNX, INSwapper, ...) on the requested providers."""
     from insightface.model_zoo import get_model  # heavy import, only when a face model is needed
 
     # insightface's INSwapper print()s its input shape while loading: keep the terminal for our own output
     with contextlib.redirect_stdout(io.StringIO()) as chatter:
-        loaded = get_model(str(model), providers=list(requested))
+        loaded = get_model(str(model), providers=list(requested), sess_options=session_options(threads))
     if chatter.getvalue().strip():
         logger.debug("insightface: %s", chatter.getvalue().strip())
     if loaded is None:

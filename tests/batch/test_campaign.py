@@ -83,6 +83,8 @@ identity = "{identity}"
         ('[campaign]\nname = "x"\n[[jobs]]\nkind = "refine"\nimage = "m.png"', "jobs[0].identity", "cast"),
         ('[campaign]\nname = "x"\n[[jobs]]\nkind = "paint"\nprompt = "a"', "jobs[0].kind", '"generate" or'),
         ('[campaign]\nname = "x"\nseeds = 0\n[[jobs]]\nprompt = "a"', "campaign.seeds", "count"),
+        ('[campaign]\nname = "x"\n[axes.m]\nlocale = ["a", "a"]\nidentity = ["p0", "p0"]\n'
+         '[[jobs]]\nprompt = "{locale}"', "axes.m", "twice"),
     ],
 )  # fmt: skip
 def test_manifest_errors_name_file_key_and_fix(tmp_path: Path, body: str, key: str, fix: str) -> None:
@@ -127,8 +129,8 @@ seeds = [7, 9]
 [axes]
 style = ["film-noir", "studio-headshot"]
 [axes.market]
-locale = ["de-DE", "fr-FR", "ja-JP"]
-identity = ["p0", "p1", "p2"]
+locale = ["de-DE", "fr-FR", "ja-JP", "de-AT"]
+identity = ["p0", "p1", "p2", "p0"]
 [[jobs]]
 prompt = "an ad portrait, {locale} market"
 style = "{style}"
@@ -136,8 +138,8 @@ identity = "{identity}"
 """
     plan = Campaign.load(manifest(tmp_path, body), "tiny", overrides=enrolled).plan()
     pairs = {(i.axes["market"], i.request["identity"]) for i in plan.items}
-    assert pairs == {("de-DE / p0", "p0"), ("fr-FR / p1", "p1"), ("ja-JP / p2", "p2")}
-    assert len(plan.items) == 2 * 3 * 2 and plan.drafts == 12
+    assert pairs == {("de-DE / p0", "p0"), ("fr-FR / p1", "p1"), ("ja-JP / p2", "p2"), ("de-AT / p0", "p0")}
+    assert len(plan.items) == 2 * 4 * 2 and plan.drafts == 16  # two markets may share one identity
     loras = [i.loras for i in plan.items]
     assert sum(a != b for a, b in itertools.pairwise(loras)) <= 1  # the LoRA set changes once
 

@@ -70,3 +70,18 @@ def test_create_session_reports_active_providers(tmp_path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
     session = create_session(path, ["CPUExecutionProvider"])
     assert session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_runtime_threads_reach_every_onnx_session(tiny_overrides: list[str]) -> None:
+    from studio.config import load_config
+    from studio.faces import load_face_model, load_token_encoder, refine_models
+    from studio.models import open_catalogue
+    from studio.models.cache import ModelCache
+
+    config = load_config("tiny", overrides=[*tiny_overrides, "runtime.threads=1"])
+    models, cache = refine_models(config, open_catalogue(config)), ModelCache()
+    for role in ("detector", "recognizer", "swapper"):
+        session = load_face_model(models[role], config, cache).session
+        assert session.get_session_options().intra_op_num_threads == 1, role
+    tokens = load_token_encoder(models["recognizer"], config, cache).session
+    assert tokens.get_session_options().intra_op_num_threads == 1
