@@ -122,11 +122,21 @@ class Campaign:
     ) -> RunSummary:
         """Submit the manifest, then render every unfinished item (a rerun renders only what is left)."""
         with self._lock():
-            self.submit()
-            self.store.recover()  # a killed run's items first become pending again
+            finished = self.exists and not any(self.store.counts()[s] for s in ("pending", "running"))
+            # local workers start first unless the campaign was finished (their imports overlap planning)
+            early = self._pool(engine, workers, address) if engine == "local" and not finished else None
+            try:
+                self.submit()
+                self.store.recover()  # a killed run's items first become pending again
+            except BaseException:
+                if early is not None:
+                    early.close()
+                raise
             if not self.store.counts()["pending"]:
+                if early is not None:
+                    early.close()
                 return RunSummary(self.store.counts())  # nothing unfinished: no worker is started
-            pool = self._pool(engine, workers, address)
+            pool = early or self._pool(engine, workers, address)
             try:
                 return run_items(
                     self.store, self.folder, pool, max_rerolls=self.manifest.max_rerolls, progress=progress

@@ -180,18 +180,18 @@ class LocalPool:
     def __init__(self, config: Mapping[str, Any], size: int = 1, threads: int = 1) -> None:
         self.size, self._config, self._threads = size, dict(config), threads
         self._context = multiprocessing.get_context("spawn")  # no forked torch state
-        self._workers: list[_Process] = []
-        try:
-            self._workers = [self._spawn() for _ in range(size)]
-            for worker in self._workers:
-                _await_ready(worker)
-        except BaseException:
-            self.close()
-            raise
+        # started now, waited for at their first task: their imports overlap the coordinator's planning
+        self._workers: list[_Process] = [self._spawn() for _ in range(size)]
 
     def submit(self, task: Task) -> None:
         """Send ``task`` to an idle worker."""
         worker = next(w for w in self._workers if w.task is None)
+        if not worker.ready:
+            try:
+                _await_ready(worker)
+            except BaseException:
+                self.close()
+                raise
         worker.task = task
         with contextlib.suppress(BrokenPipeError, OSError):  # a dead worker: next() reports the crash
             worker.conn.send(task)
@@ -227,9 +227,7 @@ class LocalPool:
         assert task is not None  # only busy workers are waited on
         worker.process.join(timeout=5)
         code = worker.process.exitcode
-        replacement = self._spawn()
-        self._workers[self._workers.index(worker)] = replacement
-        _await_ready(replacement)
+        self._workers[self._workers.index(worker)] = self._spawn()  # ready-checked at its first task
         return Crash(task, f"worker process {worker.process.pid} died (exit code {code})")
 
     def _spawn(self) -> _Process:
@@ -247,6 +245,7 @@ class _Process:
     process: Any  # multiprocessing.Process
     conn: Connection
     task: Task | None = None
+    ready: bool = False
 
 
 def _await_ready(worker: _Process) -> None:
@@ -262,6 +261,7 @@ def _await_ready(worker: _Process) -> None:
             f"A campaign worker process could not start ({detail}).",
             fix="run with --debug to see its log; check that `studio generate` works with this profile.",
         )
+    worker.ready = True
 
 
 def _serve(conn: Connection, config: Mapping[str, Any], threads: int) -> None:

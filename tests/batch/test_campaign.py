@@ -315,3 +315,17 @@ def _done(path: Path) -> int:
             return db.execute("SELECT COUNT(*) FROM items WHERE state = 'done'").fetchone()[0]
     except sqlite3.Error:
         return 0
+
+
+def test_a_worker_that_cannot_start_stops_the_run_with_its_error(enrolled: list[str], tmp_path: Path) -> None:
+    from studio.batch.engine import LocalPool
+    from studio.errors import ConfigError
+
+    campaign = Campaign.load(manifest(tmp_path, K8), "tiny", overrides=enrolled)
+    campaign.submit()
+    row = campaign.store.items()[0]
+    record = config_to_dict(campaign.config)
+    pool = LocalPool({**record, "draft": {**record["draft"], "steps": -3}}, size=1)
+    with pytest.raises(ConfigError, match="steps"):
+        pool.submit(Task(row.id, 1, row.kind, row.request))
+    assert all(not w.process.is_alive() for w in pool._workers)  # closed, nothing left running
