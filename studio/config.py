@@ -240,6 +240,62 @@ class AdapterConfig:
         check_fields(self, "adapter.")
 
 
+WatermarkMethod = Literal["dwtDct", "dwtDctSvd", "rivaGan"]
+LabelCorner = Literal["bottom-right", "bottom-left", "top-right", "top-left"]
+
+
+@dataclass(frozen=True)
+class ProvenanceConfig:
+    """How every output is marked as AI-generated: C2PA Content Credentials, a watermark, a label.
+
+    Turning C2PA or the watermark off is allowed, and written to the audit log with every output."""
+
+    c2pa: bool = True
+    watermark: bool = True
+    watermark_method: WatermarkMethod = "dwtDctSvd"  # chosen by bench/watermark_bench.py
+    signing_key: Path | None = None  # PEM private key (with signing_chain); none: a local CA in data_dir
+    signing_chain: Path | None = None  # PEM certificates, the signing certificate first
+    data_dir: Path = Path("~/.local/share/portrait-studio")  # the local CA and signing certificate
+    label: bool = False  # a visible label in a corner of every output
+    label_text: str = "AI-generated"
+    label_corner: LabelCorner = "bottom-right"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "provenance.")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The append-only, hash-chained audit log of every identity enrolment, use, revocation and removal."""
+
+    log: Path = Path("~/.local/share/portrait-studio/audit.jsonl")
+
+
+@dataclass(frozen=True)
+class ConsentConfig:
+    """What the studio's work is for: identities are used only within their consent's scope."""
+
+    purpose: str = "internal"  # e.g. ads, concept-art, internal; a campaign may set its own
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    """Content checks: on the draft before refine and on the final image."""
+
+    checker: Literal["none", "nudenet"] = "none"  # nudenet: the `safety` extra (NudeNet 320n, AGPL-3.0)
+    model: str = "nudenet_320n"  # catalogue entry of the detector
+    required: bool = False  # true: a missing or failing checker blocks every output (fails closed)
+    threshold: float = field(default=0.5, metadata=bounds(0.05, 0.99))  # detector score that blocks
+    blocked_classes: tuple[str, ...] = (
+        "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "FEMALE_BREAST_EXPOSED", "ANUS_EXPOSED",
+        "BUTTOCKS_EXPOSED",
+    )  # fmt: skip
+    blocked_terms: tuple[str, ...] = ()  # prompt words that block a request before any rendering
+
+    def __post_init__(self) -> None:
+        check_fields(self, "safety.")
+
+
 @dataclass(frozen=True)
 class StudioConfig:
     """The whole validated configuration."""
@@ -254,6 +310,10 @@ class StudioConfig:
     draft: DraftConfig = DraftConfig()
     refine: RefineConfig = RefineConfig()
     adapter: AdapterConfig = AdapterConfig()
+    provenance: ProvenanceConfig = ProvenanceConfig()
+    audit: AuditConfig = AuditConfig()
+    consent: ConsentConfig = ConsentConfig()
+    safety: SafetyConfig = SafetyConfig()
     explicit_keys: tuple[str, ...] = ()  # keys set by --set or --config: they beat style presets
 
     def __post_init__(self) -> None:

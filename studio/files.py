@@ -25,7 +25,7 @@ _STALE_FOREIGN_S = 24 * 3600  # a temp file of another host's process is stale a
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Path, *, exclusive: bool = False) -> Iterator[BinaryIO]:
+def atomic_writer(path: Path, *, exclusive: bool = False, mode: int = _FILE_MODE) -> Iterator[BinaryIO]:
     """Yield a binary file that becomes ``path`` only once fully written and fsynced.
 
     ``exclusive``: never replace an existing ``path`` (FileExistsError instead; the rename is a hard link,
@@ -39,7 +39,7 @@ def atomic_writer(path: Path, *, exclusive: bool = False) -> Iterator[BinaryIO]:
         prefix = f".{path.name}{TEMP_MARK}~{_HOST}~{os.getpid()}~"
         fd, tmp_name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
         tmp = Path(tmp_name)
-        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; outputs and models are shared files
+        os.chmod(tmp, mode)  # mkstemp creates 0600; outputs and models are shared files (0644)
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
@@ -111,9 +111,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_writer(path) as handle:
+def write_bytes_atomic(path: Path, data: bytes, mode: int = _FILE_MODE) -> None:
+    """Write ``data`` to ``path`` atomically (file ``mode``: 0644 unless told otherwise)."""
+    with atomic_writer(path, mode=mode) as handle:
         handle.write(data)
 
 

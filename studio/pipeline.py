@@ -34,6 +34,7 @@ from studio.faces import (
     refine,
     refine_models,
 )
+from studio.faces.consent import ConsentTerms
 from studio.faces.identity import EnrolReport, IdentityLibrary
 from studio.faces.select import Cast
 from studio.files import sha256_file
@@ -98,7 +99,7 @@ class Studio:
     @property
     def identities(self) -> IdentityLibrary:
         """The identity library the config points at."""
-        return IdentityLibrary(self.config.refine.identities_dir)
+        return IdentityLibrary.for_config(self.config)
 
     # -- the stage API -------------------------------------------------------------------------------
 
@@ -295,8 +296,10 @@ class Studio:
         found = () if same else tuple(differences(recipe, again) or ["no recorded input differs"])
         return Reproduction(result, same, found)
 
-    def enrol(self, name: str, photos: list[Path], *, consent: str, replace: bool = False) -> EnrolReport:
-        """Enrol identity ``name`` from ``photos`` with its consent record."""
+    def enrol(
+        self, name: str, photos: list[Path], *, consent: str | ConsentTerms, replace: bool = False
+    ) -> EnrolReport:
+        """Enrol identity ``name`` from ``photos`` with its consent (a record alone: scope "internal")."""
         refine_config = self.config.refine
         detector = resolve(refine_config.detector, "detector", self.config, self.catalogue)
         recognizer = resolve(refine_config.recognizer, "recognizer", self.config, self.catalogue)
@@ -335,8 +338,12 @@ class Studio:
     def _refine_plan(self, cast: Cast) -> tuple[dict[str, ResolvedModel], dict[str, Identity]]:
         """The refine models (resolved, licence applied; not loaded) and identities (consent checked now)."""
         models = refine_models(self.config, self.catalogue)
-        library, recognizer = self.identities, models["recognizer"].sha256
-        return models, {n: library.get(n, recognizer_sha256=recognizer) for n in cast.names}
+        library, recognizer, purpose = (
+            self.identities,
+            models["recognizer"].sha256,
+            self.config.consent.purpose,
+        )
+        return models, {n: library.get(n, recognizer_sha256=recognizer, purpose=purpose) for n in cast.names}
 
     def _refine_setup(self, cast: Cast) -> _RefineSetup:
         """Models (checked, licence applied, loaded) and identities (consent checked as work starts)."""
@@ -427,7 +434,9 @@ class Studio:
                 fix="pass --identity NAME with --adapter (mappings work for the refine stage).",
             )
         recognizer = resolve(self.config.refine.recognizer, "recognizer", self.config, self.catalogue)
-        identity = self.identities.get(cast.spec.name, recognizer_sha256=recognizer.sha256)
+        identity = self.identities.get(
+            cast.spec.name, recognizer_sha256=recognizer.sha256, purpose=self.config.consent.purpose
+        )
         ref = self.config.adapter.fact if request.adapter == "fact" else self.config.adapter.faceid
         weights = resolve(ref, "adapter", self.config, self.catalogue)
         scale = self.config.adapter.scale if request.adapter_scale is None else request.adapter_scale

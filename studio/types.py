@@ -78,6 +78,10 @@ class Identity:
     revoked: str | None = None  # ISO-8601 UTC time of revocation; a revoked identity cannot be used
     face_tokens: npt.NDArray[np.float32] | None = None  # (K, T, C) per enrolment photo
     file_sha256: str = ""  # sha256 of the identity file these values were read from (for recipes)
+    scope: tuple[str, ...] = ()  # purposes the consent allows (ads, internal, ...); () = any (v1 files)
+    expires: str | None = None  # ISO date: the last day of allowed use
+    evidence_sha256: str = ""  # sha256 of the signed release document
+    granted_by: str = ""  # who granted (or recorded) the consent
 
 
 FaceAdapterKind = Literal["fact", "ipadapter-faceid"]  # identity-conditioned draft adapters

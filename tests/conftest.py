@@ -49,4 +49,6 @@ def tiny_overrides(tiny_kit: Path, tmp_path: Path) -> list[str]:
         f"models.tiny_kit={str(tiny_kit)!r}",
         f"models.dir={str(tmp_path / 'models')!r}",
         f"output_dir={str(tmp_path / 'out')!r}",
+        f"audit.log={str(tmp_path / 'audit' / 'audit.jsonl')!r}",
+        f"provenance.data_dir={str(tmp_path / 'studio-data')!r}",
     ]

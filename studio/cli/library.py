@@ -62,15 +62,29 @@ def identity_add(
     consent: Annotated[
         str, typer.Option("--consent", help="The consent record, e.g. 'release #123, 2026-11-01'.")
     ],
+    scope: Annotated[
+        str, typer.Option("--scope", help="Purposes the consent allows, comma-separated (ads,concept-art).")
+    ] = "internal",
+    expires: Annotated[
+        str | None, typer.Option("--expires", help="Last day of allowed use, YYYY-MM-DD (default: none).")
+    ] = None,
+    evidence: Annotated[
+        Path | None, typer.Option("--evidence", help="The signed release document (only its sha256 is kept).")
+    ] = None,
+    granted_by: Annotated[str, typer.Option("--granted-by", help="Who granted or recorded it.")] = "",
     replace: Annotated[bool, typer.Option("--replace", help="Re-enrol an existing name.")] = False,
     profile: Profile = "default",
     config_file: ConfigFile = None,
     overrides: Overrides = None,
     debug: Debug = False,
 ) -> None:
-    """Enrol an identity from photos; its embedding is cached in a safetensors file."""
+    """Enrol an identity from photos with its consent (record, scope, expiry, evidence); the embedding is
+    kept in a 0600 safetensors file and the enrolment is written to the audit log."""
+    from studio.faces.consent import ConsentTerms, scope_list
+
     studio, _ = make_studio(profile, config_file, overrides, None, debug, False)
-    report = studio.enrol(name, photos, consent=consent, replace=replace)
+    terms = ConsentTerms(consent, scope_list(scope), expires, evidence, granted_by)
+    report = studio.enrol(name, photos, consent=terms, replace=replace)
     for path, reason in report.rejected:
         out.print(f"[yellow]rejected[/] {escape(str(path))}: {escape(reason)}")
     for warning in report.warnings:
@@ -90,10 +104,12 @@ def identity_list(
 ) -> None:
     """List enrolled identities, with consent and revocation."""
     library = _library(profile, config_file, overrides, debug)
-    table = Table("name", "photos", "consent", "created", "status")
+    table = Table("name", "photos", "consent", "scope", "expires", "created", "status")
     for item in library.list():
         status = f"[red]revoked {item.revoked}[/]" if item.revoked else "[green]active[/]"
-        table.add_row(item.name, str(len(item.source_sha256)), escape(item.consent), item.created, status)
+        scope = ", ".join(item.scope) or "any (enrolled before scopes)"
+        table.add_row(item.name, str(len(item.source_sha256)), escape(item.consent), escape(scope),
+                      item.expires or "-", item.created, status)  # fmt: skip
     out.print(table)
 
 
@@ -108,7 +124,8 @@ def identity_show(
     """Show one identity's record (not its embedding)."""
     library = _library(profile, config_file, overrides, debug)
     item = library.load(name)
-    for key in ("name", "consent", "created", "revoked", "recognizer_sha256"):
+    keys = ("name", "consent", "scope", "expires", "evidence_sha256", "granted_by", "created", "revoked")
+    for key in (*keys, "recognizer_sha256"):
         out.print(f"[bold]{key}[/]: {escape(str(getattr(item, key)))}")
     out.print(f"[bold]photos[/]: {len(item.source_sha256)} ({', '.join(s[:12] for s in item.source_sha256)})")
 
@@ -148,4 +165,4 @@ def _library(
     from studio.faces.identity import IdentityLibrary
 
     config = setup_logging_and_config(profile, config_file, overrides, debug)
-    return IdentityLibrary(config.refine.identities_dir)
+    return IdentityLibrary.for_config(config)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -25,8 +26,10 @@ import numpy as np
 import numpy.typing as npt
 
 from studio.adapter.tokens import FaceTokenEncoder
-from studio.config import DetectConfig, EnrolConfig, RefineConfig
+from studio.audit import AuditLog
+from studio.config import DetectConfig, EnrolConfig, RefineConfig, StudioConfig
 from studio.errors import IdentityError, ImageError
+from studio.faces.consent import ConsentTerms, check_use, consent_fields
 from studio.faces.detect import (
     align_crops,
     crop_tokens,
@@ -62,6 +65,7 @@ _WINDOWS_DEVICES = frozenset(
 )
 _FOREIGN_SUFFIXES = (".pkl", ".pickle", ".npy", ".npz", ".pt", ".pth", ".bin", ".json")
 _FOLDER_MODE = 0o700  # embeddings are biometric data: the library folder is private to its owner
+_FILE_MODE = 0o600
 
 
 # --- records ----------------------------------------------------------------------------------
@@ -128,8 +132,14 @@ def _name_problem(name: object) -> str | None:
 class IdentityLibrary:
     """A folder of enrolled identities: enrol, load, get, list, revoke, remove."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, audit: AuditLog | None = None) -> None:
         self.folder = Path(folder).expanduser()
+        self.audit = audit  # enrolments, revocations and removals are appended to it
+
+    @classmethod
+    def for_config(cls, config: StudioConfig) -> IdentityLibrary:
+        """The library ``refine.identities_dir`` names, auditing to ``audit.log``."""
+        return cls(config.refine.identities_dir, AuditLog(config.audit.log))
 
     def path_for(self, name: str) -> Path:
         """The file that holds identity ``name``."""
@@ -140,7 +150,7 @@ class IdentityLibrary:
         name: str,
         photos: Sequence[Path],
         *,
-        consent: str,
+        consent: str | ConsentTerms,
         detector: Any,
         recognizer: Any,
         recognizer_sha256: str,
@@ -152,7 +162,7 @@ class IdentityLibrary:
         """Enrol ``name`` from photos of one person, with its consent record; save it atomically."""
         # 1. check inputs before any model runs
         path = self._check_enrol_target(name, replace)
-        consent = _checked_consent(consent)
+        terms = consent_fields(consent)
         if not isinstance(recognizer_sha256, str) or not recognizer_sha256:
             raise IdentityError("No recognizer checksum given.", fix="pass the recognizer file's sha256.")
         photos = [photos] if isinstance(photos, str | Path) else list(photos)
@@ -174,8 +184,11 @@ class IdentityLibrary:
         # 4. the identity: mean of the kept embeddings, renormalised; saved atomically
         sources = [accepted[i].sha256 for i in kept]
         kept_tokens = None if tokens is None else tokens[kept]
-        identity = _build_identity(name, embeddings[kept], sources, consent, recognizer_sha256, kept_tokens)
-        self._save(path, identity)
+        identity = _build_identity(name, embeddings[kept], sources, terms, recognizer_sha256, kept_tokens)
+        identity = self._save(path, identity)
+        self._audit("enrol", identity, consent=terms["consent"], scope=list(identity.scope),
+                    expires=identity.expires, evidence_sha256=identity.evidence_sha256,
+                    granted_by=identity.granted_by, photos=list(sources))  # fmt: skip
         used = tuple(accepted[i].path for i in kept)
         logger.info("enrolled %r from %d photo(s) (%d rejected) in %s", name, len(used), len(rejected), path)
         return EnrolReport(identity, used, tuple(rejected), tuple(warnings))
@@ -194,8 +207,9 @@ class IdentityLibrary:
         data = path.read_bytes()  # one read: the digest recipes record is of exactly these bytes
         return replace(parse_identity_file(path, name, data), file_sha256=hashlib.sha256(data).hexdigest())
 
-    def get(self, name: str, *, recognizer_sha256: str | None = None) -> Identity:
-        """Identity ``name`` for use: refused if revoked or made by another recognizer than the given one."""
+    def get(self, name: str, *, recognizer_sha256: str | None = None, purpose: str | None = None) -> Identity:
+        """Identity ``name`` for use: refused if revoked, out of its consent's scope for ``purpose``,
+        expired, or made by another recognizer than the given one."""
         identity = self.load(name)
         if identity.revoked:
             raise IdentityError(
@@ -209,6 +223,7 @@ class IdentityLibrary:
                 f"the studio now uses {recognizer_sha256[:12]}…; their embeddings do not match.",
                 fix=f"re-enrol with the current recognizer: {ADD_HINT} --replace.",
             )
+        check_use(identity, purpose)
         return identity
 
     def list(self) -> list[Identity]:
@@ -230,7 +245,9 @@ class IdentityLibrary:
                 f"No identity {name!r} in the library {self.folder}.",
                 fix="check the name with `studio identity list`.",
             )
+        removed = self.load(name)
         path.unlink()
+        self._audit("remove", removed)
         logger.info("removed identity %r (%s)", name, path)
 
     def revoke(self, name: str) -> Identity:
@@ -239,8 +256,8 @@ class IdentityLibrary:
         if identity.revoked:
             logger.info("identity %r was already revoked on %s", name, identity.revoked)
             return identity
-        revoked = replace(identity, revoked=_now())
-        self._save(self.path_for(name), revoked)
+        revoked = self._save(self.path_for(name), replace(identity, revoked=_now()))
+        self._audit("revoke", revoked, revoked=revoked.revoked)
         logger.info("revoked identity %r on %s", name, revoked.revoked)
         return revoked
 
@@ -279,30 +296,27 @@ class IdentityLibrary:
                     fix=f"delete or move {path.name} out of {self.folder}, then {ADD_HINT}.",
                 )
 
-    def _save(self, path: Path, identity: Identity) -> None:
-        """Write ``identity`` to ``path`` atomically (temp + fsync + replace)."""
+    def _save(self, path: Path, identity: Identity) -> Identity:
+        """Write ``identity`` to ``path`` atomically, 0600 in a 0700 folder (biometric data); returns it
+        with the new file's sha256."""
         data = serialize_identity(identity)
         self.folder.mkdir(mode=_FOLDER_MODE, parents=True, exist_ok=True)
         try:
-            write_bytes_atomic(path, data)
+            os.chmod(self.folder, _FOLDER_MODE)  # a folder made before this rule, or by a looser umask
+            write_bytes_atomic(path, data, mode=_FILE_MODE)
         except OSError as err:
             raise IdentityError(
                 f"Could not write {path}: {err}; the previous file (if any) is unchanged.",
                 fix="check free disk space and write permission on the folder.",
             ) from err
+        return replace(identity, file_sha256=hashlib.sha256(data).hexdigest())
+
+    def _audit(self, event: str, identity: Identity, **data: Any) -> None:
+        if self.audit is not None:
+            self.audit.append(event, identities={identity.name: identity.file_sha256}, **data)
 
 
 # --- enrolment steps --------------------------------------------------------------------------
-
-
-def _checked_consent(consent: object) -> str:
-    """The consent record, stripped; it must be a non-empty string."""
-    if not isinstance(consent, str) or not consent.strip():
-        raise IdentityError(
-            f"Consent record {consent!r} received; enrolment needs the person's consent on record.",
-            fix='pass --consent with where the consent is kept, e.g. "model release #123, 2026-01-05".',
-        )
-    return consent.strip()
 
 
 def _examine_photos(
@@ -400,7 +414,7 @@ def _build_identity(
     name: str,
     embeddings: npt.NDArray[np.float32],
     sources: Sequence[str],
-    consent: str,
+    terms: dict[str, Any],
     recognizer: str,
     tokens: npt.NDArray[np.float32] | None = None,
 ) -> Identity:
@@ -415,11 +429,11 @@ def _build_identity(
         name=name,
         embedding=(mean / norm).astype(np.float32),  # (512,) float32, L2-normed
         photo_embeddings=np.ascontiguousarray(embeddings, dtype=np.float32),  # (K, 512) float32
-        consent=consent,
         recognizer_sha256=recognizer,
         source_sha256=tuple(sources),
         created=_now(),
         face_tokens=tokens,  # (K, T, C) float32 face-adapter tokens, or None
+        **terms,  # consent, scope, expires, evidence_sha256, granted_by
     )
 
 

@@ -2,7 +2,9 @@
 
 Tensors: ``embedding`` (512,) float32 L2-normed, ``photo_embeddings`` (K, 512) float32, optional
 ``face_tokens`` (K, T, C) float32. Metadata (strings): format, version, name, consent, recognizer_sha256,
-source_sha256 (JSON list, one per photo), created, revoked ("" or ISO time). Pickles are never read.
+source_sha256 (JSON list, one per photo), created, revoked ("" or ISO time); version 2 adds the consent's
+scope (JSON list of purposes), expires ("" or an ISO date), evidence_sha256 and granted_by. Version 1 files
+are still read (their consent has no scope: any purpose, no expiry). Pickles are never read.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from studio.types import Identity
 
 ADD_HINT = "enrol the person with `studio identity add NAME PHOTO... --consent TEXT`"
 IDENTITY_FORMAT = "portrait-studio-identity"
-IDENTITY_VERSION = "1"
+IDENTITY_VERSION = "2"
+_READABLE_VERSIONS = ("1", "2")
 _METADATA_KEYS = ("name", "consent", "recognizer_sha256", "source_sha256", "created", "revoked")
 _NORM_TOLERANCE = 1e-3
 EMBEDDING_SIZE = 512  # ArcFace's width, as studio.faces.detect's (kept here: this module needs no detector)
@@ -45,6 +48,10 @@ def serialize_identity(identity: Identity) -> bytes:
         "source_sha256": json.dumps(list(identity.source_sha256)),
         "created": identity.created,
         "revoked": identity.revoked or "",
+        "scope": json.dumps(list(identity.scope)),
+        "expires": identity.expires or "",
+        "evidence_sha256": identity.evidence_sha256,
+        "granted_by": identity.granted_by,
     }
     return safetensors_bytes(tensors, metadata)
 
@@ -90,7 +97,26 @@ def parse_identity_file(path: Path, name: str, data: bytes) -> Identity:
         created=meta["created"],
         revoked=meta["revoked"] or None,
         face_tokens=face_tokens,
+        **_consent_terms(path, meta),
     )
+
+
+def _consent_terms(path: Path, meta: dict[str, str]) -> dict[str, object]:
+    """Version 2's consent terms (scope, expiry, evidence, grantor); a version 1 file has none."""
+    if meta["version"] == "1":
+        return {}
+    try:
+        scope = json.loads(meta.get("scope", "[]"))
+    except json.JSONDecodeError:
+        scope = None
+    if not isinstance(scope, list) or not all(isinstance(s, str) for s in scope):
+        raise bad_identity_file(path, f"scope {meta.get('scope', '')[:80]!r} is not a JSON list of strings")
+    return {
+        "scope": tuple(scope),
+        "expires": meta.get("expires") or None,
+        "evidence_sha256": meta.get("evidence_sha256", ""),
+        "granted_by": meta.get("granted_by", ""),
+    }
 
 
 def _read_metadata(path: Path, data: bytes) -> dict[str, str]:
@@ -104,9 +130,9 @@ def _read_metadata(path: Path, data: bytes) -> dict[str, str]:
         raise bad_identity_file(path, "not a safetensors file (no readable header)")
     meta = header.get("__metadata__") or {}
     found = (meta.get("format"), meta.get("version"))
-    if found != (IDENTITY_FORMAT, IDENTITY_VERSION):
+    if meta.get("format") != IDENTITY_FORMAT or meta.get("version") not in _READABLE_VERSIONS:
         raise bad_identity_file(
-            path, f"format/version {found}, expected ({IDENTITY_FORMAT!r}, {IDENTITY_VERSION!r})"
+            path, f"format/version {found}, expected ({IDENTITY_FORMAT!r}, one of {_READABLE_VERSIONS})"
         )
     missing = [key for key in _METADATA_KEYS if not isinstance(meta.get(key), str)]
     if missing:

@@ -176,7 +176,10 @@ def test_enrol_saves_a_file_that_loads_back_equal(tmp_path: Path, models: Any, p
     np.testing.assert_allclose(loaded.embedding, mean / np.linalg.norm(mean), atol=1e-6)
     with safe_open(str(library.path_for("anna")), framework="numpy") as handle:
         assert handle.metadata()["format"] == "portrait-studio-identity"
-        assert handle.metadata()["version"] == "1"
+        assert handle.metadata()["version"] == "2"
+    assert loaded.scope == ("internal",) and loaded.expires is None  # a plain record: the default scope
+    path = library.path_for("anna")
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
 
 
 def test_rejections_say_why(tmp_path: Path, models: Any, photos: Any) -> None:
@@ -374,7 +377,8 @@ def test_non_safetensors_files_refused(tmp_path: Path, suffix: str) -> None:
         ({"source_sha256": "[1, 2]"}, "not a JSON list of strings"),
         ({"source_sha256": json.dumps(["1" * 64])}, "2 photo embeddings but 1 photo checksums"),
         ({"format": "something-else"}, "format/version"),
-        ({"version": "2"}, "format/version"),
+        ({"version": "3"}, "format/version"),
+        ({"version": "2", "scope": "ads"}, "scope 'ads' is not a JSON list"),
         ({"consent": " "}, "consent record is empty"),
     ],
 )
