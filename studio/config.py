@@ -256,6 +256,7 @@ class ProvenanceConfig:
     signing_key: Path | None = None  # PEM private key (with signing_chain); none: a local CA in data_dir
     signing_chain: Path | None = None  # PEM certificates, the signing certificate first
     data_dir: Path = Path("~/.local/share/portrait-studio")  # the local CA and signing certificate
+    trust_anchors: Path | None = None  # PEM root certificates `studio verify` trusts
     label: bool = False  # a visible label in a corner of every output
     label_text: str = "AI-generated"
     label_corner: LabelCorner = "bottom-right"

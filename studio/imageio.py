@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import io
 import json
 import logging
 import re
@@ -107,6 +108,16 @@ def write_image(
         ) from err
     logger.debug("wrote %s (%s, %dx%d)", path, image_format, *picture.size)
     return path
+
+
+def encode_png(
+    image: ImageBGR, *, parameters: str | None = None, recipe: Mapping[str, object] | None = None
+) -> bytes:
+    """The PNG bytes of a BGR array with generation metadata (what ``write_image`` writes, in memory:
+    the output sink signs these bytes before they reach the disk)."""
+    buffer = io.BytesIO()
+    to_pil(image).save(buffer, format="PNG", **_save_options("PNG", parameters, _recipe_json(recipe)))
+    return buffer.getvalue()
 
 
 def read_metadata(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageMetadata:

@@ -5,8 +5,8 @@ written under that id at once, so a killed run leaves its request behind. Each i
 is (``<run>-<seed>.png`` for a draft, ``<run>-<seed>-<cast>.png`` for a refined draft,
 ``<run>-<source>-<cast>.png`` for a re-faced file) and committed with a no-clobber hard link, so two
 processes writing into one folder can never overwrite each other. Steps of a write, in order: name →
-A1111 parameters → (watermark) → PNG chunks with the recipe → (C2PA signature, last) → (audit entry);
-provenance hooks in here and nowhere else.
+(label) → watermark → A1111 parameters and the recipe as PNG chunks → C2PA signature (last) → the file,
+claimed atomically → audit entry. Provenance (``studio.provenance``) hooks in here and nowhere else.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import logging
 import re
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ from typing import Any
 from studio.config import StudioConfig, config_to_toml
 from studio.errors import OutputError
 from studio.files import atomic_writer, remove_stale_temps
-from studio.imageio import write_image
+from studio.imageio import encode_png, write_image
 from studio.infotext import a1111_parameters
+from studio.provenance import Provenance
 from studio.recipe import Recipe
 from studio.types import ImageBGR
 
@@ -42,9 +44,10 @@ def new_run_id() -> str:
 class OutputSink:
     """Writes one run's files into ``folder``: never over an existing file, never a partial one."""
 
-    def __init__(self, folder: Path, run_id: str | None = None) -> None:
+    def __init__(self, folder: Path, run_id: str | None = None, provenance: Provenance | None = None) -> None:
         self.folder = Path(folder)
         self.run_id = run_id or new_run_id()
+        self.provenance = provenance  # None: plain files (no marks, no audit), e.g. for tools and tests
         self.config_file: Path | None = None
 
     def start(self, config: StudioConfig, request: Mapping[str, Any]) -> Path:
@@ -56,22 +59,46 @@ class OutputSink:
         )
         return self.config_file
 
-    def write(self, image: ImageBGR, recipe: Recipe, stem: str, *, subfolder: str | None = None) -> Path:
-        """Write ``image`` as ``<run>-<stem>.png`` (or ``-1``, ``-2``… if taken) with its recipe."""
+    def write(
+        self,
+        image: ImageBGR,
+        recipe: Recipe,
+        stem: str,
+        *,
+        subfolder: str | None = None,
+        parent: ImageBGR | None = None,
+    ) -> Path:
+        """Write ``image`` as ``<run>-<stem>.png`` (or ``-1``, ``-2``… if taken) with its recipe.
+
+        ``parent``: the draft a refined image was made from (its C2PA parent ingredient; a re-faced
+        file's source is read from the recipe)."""
         folder = self.folder / subfolder if subfolder else self.folder
+        output = _Output(image, recipe, parent)
         for path in self._names(f"{self.run_id}-{_safe(stem)}", ".png", folder):
             try:
-                return self._commit(path, image, recipe)
+                return self._commit(path, output)
             except FileExistsError:
                 continue
         raise _no_free_name(stem, folder)
 
-    def write_addressed(self, image: ImageBGR, recipe: Recipe, name: str, *, subfolder: str = "") -> Path:
+    def write_addressed(
+        self,
+        image: ImageBGR,
+        recipe: Recipe,
+        name: str,
+        *,
+        subfolder: str = "",
+        parent: ImageBGR | None = None,
+        intermediate: bool = False,
+    ) -> Path:
         """Write ``image`` as ``<subfolder>/<name>.png``, where ``name`` is a content address (a recipe or
-        campaign item id): a file already there is the same content, so it is kept and its path returned."""
+        campaign item id): a file already there is the same content, so it is kept and its path returned.
+
+        ``intermediate``: a file the studio reads back as an input (a campaign's stored draft): signed, but
+        its pixels are not watermarked (a reused draft must equal a fresh one) and it is not audited."""
         path = self.folder / subfolder / f"{_safe(name)}.png"
         try:
-            return self._commit(path, image, recipe)
+            return self._commit(path, _Output(image, recipe, parent, intermediate))
         except FileExistsError:
             logger.info("%s is already written (content-addressed): kept", path)
             return path
@@ -82,12 +109,42 @@ class OutputSink:
         if removed:
             logger.info("removed %d stale temp file(s) left by killed runs in %s", len(removed), self.folder)
 
-    def _commit(self, path: Path, image: ImageBGR, recipe: Recipe) -> Path:
-        """The complete file (A1111 parameters, then the recipe chunk) claimed atomically at ``path``."""
-        # 1. the A1111 parameters text, from the recipe; 2. PNG chunks; (watermark, C2PA: provenance issue)
-        return write_image(
-            path, image, parameters=a1111_parameters(recipe), recipe=recipe.to_dict(), exclusive=True
+    def _commit(self, path: Path, output: _Output) -> Path:
+        """The complete file claimed atomically at ``path``: marks, PNG chunks, signature; then its audit."""
+        recipe, provenance = output.recipe, self.provenance
+        if provenance is None:
+            return write_image(
+                path,
+                output.image,
+                parameters=a1111_parameters(recipe),
+                recipe=recipe.to_dict(),
+                exclusive=True,
+            )
+        # 1. pixels: label and watermark (payload from the recipe id); a stored draft keeps its pixels
+        image, marking = output.image, None
+        if not output.intermediate:
+            image, marking = provenance.mark(image, recipe.id)
+        # 2. PNG chunks: the A1111 parameters and the recipe
+        png = encode_png(image, parameters=a1111_parameters(recipe), recipe=recipe.to_dict())
+        # 3. the C2PA signature, last: the audit head it names is the log's state before this output
+        identities = _identities(recipe)
+        png = provenance.seal(
+            png,
+            title=path.name,
+            recipe_id=recipe.id,
+            models=recipe.models,
+            identities=identities,
+            edited=recipe.refine is not None,
+            parent=_parent_bytes(output),
+            audit_head=provenance.audit.head(),
         )
+        # 4. the file, claimed atomically (no-clobber), then its audit entry
+        with atomic_writer(path, exclusive=True) as handle:
+            handle.write(png)
+        if marking is not None:
+            provenance.record(path=str(path), data=png, recipe_id=recipe.id, identities=identities,
+                              marking=marking, stages=recipe.stages)  # fmt: skip
+        return path
 
     def _new_file(self, stem: str, suffix: str, data: bytes) -> Path:
         for path in self._names(stem, suffix, self.folder):
@@ -101,6 +158,31 @@ class OutputSink:
 
     def _names(self, stem: str, suffix: str, folder: Path) -> list[Path]:
         return [folder / f"{stem}{'' if n == 0 else f'-{n}'}{suffix}" for n in range(_MAX_TRIES)]
+
+
+@dataclass(frozen=True, eq=False)
+class _Output:
+    image: ImageBGR  # HxWx3 uint8 BGR
+    recipe: Recipe
+    parent: ImageBGR | None = None  # the draft a refined picture was made from
+    intermediate: bool = False
+
+
+def _identities(recipe: Recipe) -> dict[str, str]:
+    """Every identity an output used (name -> identity file sha256): refine casts and the draft adapter."""
+    found = dict(recipe.refine.identities) if recipe.refine is not None else {}
+    adapter = recipe.draft.adapter if recipe.draft is not None else None
+    if adapter:
+        found[adapter["identity"]] = adapter["identity_sha256"]
+    return found
+
+
+def _parent_bytes(output: _Output) -> bytes | None:
+    """The C2PA parent ingredient: a re-faced file's source bytes, or the draft a refine started from."""
+    source = output.recipe.source or {}
+    if source.get("path") and Path(source["path"]).is_file():
+        return Path(source["path"]).read_bytes()
+    return None if output.parent is None else encode_png(output.parent)
 
 
 def _no_free_name(stem: str, folder: Path) -> OutputError:

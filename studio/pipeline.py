@@ -45,6 +45,7 @@ from studio.models.catalogue import Catalogue
 from studio.models.resolve import ResolvedModel, resolve
 from studio.output import OutputSink
 from studio.prepare import build_draft_request
+from studio.provenance import MARKING_OFF_NOTE, Provenance
 from studio.qa import NO_CONTENT_CHECK_NOTE, ContentCheck, Verdict, gate, no_content_check, reroll_seed
 from studio.recipe import (
     DraftRecord,
@@ -93,6 +94,7 @@ class Studio:
         self.config = config
         self.cache = cache or ModelCache()
         self.content_check = content_check or no_content_check
+        self.provenance = Provenance(config)  # marks, signs and audits every output this Studio writes
         self.catalogue: Catalogue = open_catalogue(config)
         self._config_record = config_to_dict(config)  # the config as every recipe records it (frozen)
 
@@ -204,15 +206,21 @@ class Studio:
         return self._refine(picture, self._refine_setup(cast))
 
     def save(
-        self, result: Draft | Refined, folder: Path | None = None, sink: OutputSink | None = None
+        self,
+        result: Draft | Refined,
+        folder: Path | None = None,
+        sink: OutputSink | None = None,
+        parent: Draft | None = None,
     ) -> Path:
-        """Write ``result`` through the output sink; a refine that changed nothing is refused."""
+        """Write ``result`` through the output sink (marked, signed, audited); a refine that changed
+        nothing is refused. ``parent``: the draft a refined picture came from (its C2PA ingredient)."""
         if isinstance(result, Refined) and not result.changed:
             raise RefineError(
                 f"Nothing to save: {result.message}.", fix="check the cast against the faces found."
             )
         sink = sink or self._start_sink(folder, result.recipe.request)[0]
-        return sink.write(result.image, result.recipe, _stem(result))
+        picture = None if parent is None else parent.image
+        return sink.write(result.image, result.recipe, _stem(result), parent=picture)
 
     # -- whole runs (what the command line calls) ----------------------------------------------------------
 
@@ -483,7 +491,7 @@ class Studio:
         return Studio(config_from_dict(table), self.cache)
 
     def _start_sink(self, folder: Path | None, request: Mapping[str, Any]) -> tuple[OutputSink, Path]:
-        sink = OutputSink(folder or self.config.output_dir)
+        sink = OutputSink(folder or self.config.output_dir, provenance=self.provenance)
         return sink, sink.start(self.config, request)
 
     def _notes(self, *, refining: bool) -> tuple[str, ...]:
@@ -495,6 +503,12 @@ class Studio:
             notes.append(TINY_DETECTOR_NOTE)
         if self.content_check is no_content_check:
             notes.append(NO_CONTENT_CHECK_NOTE)
+        marks = self.config.provenance
+        off = [
+            name for name, on in (("the watermark", marks.watermark), ("C2PA signing", marks.c2pa)) if not on
+        ]
+        if off:
+            notes.append(MARKING_OFF_NOTE.format(marks=" and ".join(off)))
         return tuple(notes)
 
 
@@ -533,11 +547,13 @@ class _RunLog:
                 self.outputs.append(self.sink.write(picture.image, picture.recipe, _stem(picture)))
             return
         result = refined or picture
+        parent = picture.image if refined is not None and picture.source is None else None  # the draft
         if verdict.passed:
-            self.outputs.append(self.sink.write(result.image, result.recipe, _stem(result)))
+            self.outputs.append(self.sink.write(result.image, result.recipe, _stem(result), parent=parent))
             return
         stem = f"{_stem(result)}-FAILED-QA"
-        self.failed_qa.append(self.sink.write(result.image, result.recipe, stem, subfolder=FAILED_QA_DIR))
+        path = self.sink.write(result.image, result.recipe, stem, subfolder=FAILED_QA_DIR, parent=parent)
+        self.failed_qa.append(path)
         self.statuses.append(f"{label}: FAILED QA ({'; '.join(verdict.reasons)}): {self.failed_qa[-1]}")
 
     def result(self, config_file: Path, timings: dict[str, float], notes: tuple[str, ...]) -> GenerateResult:

@@ -29,6 +29,7 @@ from studio.batch.plan import Plan, plan_campaign
 from studio.batch.store import FINISHED, CampaignStore, ItemRow
 from studio.config import StudioConfig, config_to_dict, load_config
 from studio.errors import InputError
+from studio.provenance import Provenance
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,12 @@ class Campaign:
             pool = early or self._pool(engine, workers, address)
             try:
                 return run_items(
-                    self.store, self.folder, pool, max_rerolls=self.manifest.max_rerolls, progress=progress
+                    self.store,
+                    self.folder,
+                    pool,
+                    max_rerolls=self.manifest.max_rerolls,
+                    provenance=Provenance(self.config),
+                    progress=progress,
                 )
             finally:
                 pool.close()

@@ -23,7 +23,9 @@ from typing import Any, Protocol
 from studio.batch.store import CampaignStore, ItemRow, worker_name
 from studio.batch.worker import Outcome, Task, Worker
 from studio.errors import RuntimeSetupError, StudioError
+from studio.imageio import read_image
 from studio.output import OutputSink
+from studio.provenance import Provenance
 from studio.qa import reroll_seed
 from studio.recipe import Recipe
 
@@ -70,12 +72,14 @@ def run_items(
     pool: Pool,
     *,
     max_rerolls: int,
+    provenance: Provenance | None = None,
     progress: Progress | None = None,
 ) -> RunSummary:
-    """Run every pending item of ``store`` on ``pool`` until none is left."""
+    """Run every pending item of ``store`` on ``pool`` until none is left (outputs marked, signed and
+    audited by ``provenance``)."""
     start = time.perf_counter()
     # 1. a killed run's leftovers: running attempts become interrupted, stale temp files go
-    sink = OutputSink(folder)
+    sink = OutputSink(folder, provenance=provenance)
     for sub in ("", DRAFTS_DIR, OUTPUTS_DIR):
         OutputSink(folder / sub).sweep()
     store.recover()
@@ -149,12 +153,15 @@ def _record(
             summary.blocked.append(f"{task.item[:12]}: {outcome.message}")
         return
     # 1. a freshly rendered draft is stored once, losslessly, under its key, for every item that shares it
+    parent = outcome.draft_image
     if outcome.draft_image is not None and outcome.draft_recipe is not None:
         draft = Recipe.from_json(outcome.draft_recipe)
-        sink.write_addressed(outcome.draft_image, draft, draft.draft_key or "", subfolder=DRAFTS_DIR)
+        key = draft.draft_key or ""
+        sink.write_addressed(outcome.draft_image, draft, key, subfolder=DRAFTS_DIR, intermediate=True)
         summary.drafts_rendered += 1
     elif task.draft is not None:
         summary.drafts_reused += 1
+        parent = read_image(Path(task.draft))
     # 2. the output (a QA failure with re-rolls left is not written: the item goes again with a new seed)
     recipe = Recipe.from_json(outcome.recipe or "")
     summary.notes.update(dict.fromkeys(recipe.notes))
@@ -162,7 +169,10 @@ def _record(
     output = None
     if not reroll:
         sub = f"{OUTPUTS_DIR}/{row.job}" if outcome.state == "done" else f"{OUTPUTS_DIR}/{FAILED_QA_DIR}"
-        path = sink.write_addressed(outcome.image, recipe, recipe.id, subfolder=sub)
+        refined = recipe.refine is not None and recipe.draft is not None
+        path = sink.write_addressed(
+            outcome.image, recipe, recipe.id, subfolder=sub, parent=parent if refined else None
+        )
         output = str(path.relative_to(folder))
     rendered = outcome.draft_image is not None
     store.finish(

@@ -31,6 +31,7 @@ from studio.cli.common import (
 )
 from studio.cli.library import identity_app, styles_app
 from studio.cli.models import config_app, models_app
+from studio.cli.provenance import audit_app, verify_command
 from studio.config import DraftConfig, limits
 from studio.errors import InputError, StudioError
 from studio.request import GenerateRequest
@@ -48,6 +49,8 @@ app.add_typer(styles_app, name="styles")
 app.add_typer(identity_app, name="identity")
 app.add_typer(config_app, name="config")
 app.add_typer(campaign_app, name="campaign")
+app.add_typer(audit_app, name="audit")
+app.command("verify")(verify_command)
 
 
 @app.callback(invoke_without_command=True)
