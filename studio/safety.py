@@ -66,6 +66,10 @@ EXTRA_FIX = (
     "install the `safety` extra (`uv sync --extra safety`, which ships NudeNet's 320n.onnx), or run "
     '`studio models pull nudenet_320n`; or set safety.checker = "none".'
 )
+_RUN_FIX = (
+    "check runtime.onnx_providers and the model file; safety.required = true blocks each image whose "
+    "check fails instead of stopping."
+)
 _WHEEL = "nudenet"  # the package whose wheel carries the model file (found without importing it)
 _CANDIDATE_SCORE = 0.2  # nudenet keeps an anchor whose best class score reaches this ...
 _NMS_SCORE = 0.25  # ... and NMS drops boxes below this (both lowered to safety.threshold when it is lower)
@@ -74,7 +78,7 @@ _BOX = 4  # cx, cy, w, h before the class scores in each output row
 
 Channels = Literal["RGB", "BGR"]
 Blob = npt.NDArray[np.float32]  # 1x3xSxS float32 0..1, the network input
-Check = Callable[[ImageBGR], tuple[str, ...]]  # studio.qa.ContentCheck: image -> reasons (() passes)
+ContentCheck = Callable[[ImageBGR], tuple[str, ...]]  # as studio.qa.ContentCheck: reasons, () passes
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ class ContentVerdict:
 
     passed: bool
     reasons: tuple[str, ...]
-    scores: Mapping[str, float]  # class -> highest score among its detections (detected classes only)
+    scores: Mapping[str, float]  # class -> its highest detection score (detected classes: score >= 0.25)
     checker: str  # e.g. "nudenet:nudenet_320n"
 
 
@@ -122,7 +126,7 @@ class NudeNetCheck:
             raise
         except Exception as err:  # ORT raises its own exception types, all plain Exceptions
             if not self._required:
-                raise ModelError(f"{self.name}: the content check failed: {err}.", fix=EXTRA_FIX) from err
+                raise ModelError(f"{self.name}: the content check failed: {err}.", fix=_RUN_FIX) from err
             reason = f"nudenet: check failed, blocked because safety.required = true ({err})"
             return ContentVerdict(False, (reason,), MappingProxyType({}), self.name)
         scores: dict[str, float] = {}
@@ -166,7 +170,7 @@ class UnavailableCheck:
         return ContentVerdict(False, (self.reason,), MappingProxyType({}), self.name)
 
 
-def content_check(config: StudioConfig, catalogue: Catalogue, cache: ModelCache) -> Check | None:
+def content_check(config: StudioConfig, catalogue: Catalogue, cache: ModelCache) -> ContentCheck | None:
     """The image check ``config.safety`` asks for; None for checker "none" (the caller's placeholder)."""
     # 1. nothing asked for, or settings that are wrong whatever is installed
     safety = config.safety
@@ -235,7 +239,7 @@ def prompt_check(text: str, blocked_terms: Sequence[str]) -> tuple[str, ...]:
     return tuple(reasons)
 
 
-def content_verdict(check: Check, image: ImageBGR) -> ContentVerdict:
+def content_verdict(check: ContentCheck, image: ImageBGR) -> ContentVerdict:
     """The verdict of any ContentCheck: its own (with scores) where it gives one, else from its reasons."""
     verdict = getattr(check, "verdict", None)
     if callable(verdict):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from studio.audit import AuditEntry, AuditLog
 from studio.config import StudioConfig
-from studio.errors import StudioError
+from studio.errors import ConfigError, StudioError
 from studio.imageio import read_image, read_metadata
 from studio.provenance.c2pa import Credentials, read_credentials
 from studio.provenance.watermark import Watermarker, matches, recipe_prefix
@@ -50,8 +50,7 @@ def verify_image(path: Path, config: StudioConfig, log: AuditLog | None = None) 
     """Check ``path`` against its credentials, watermark, recipe and the audit log."""
     path = Path(path)
     data = path.read_bytes()
-    anchors = config.provenance.trust_anchors
-    credentials = read_credentials(data, anchors.read_bytes() if anchors else None)
+    credentials = read_credentials(data, _trust_anchors(config))
     recipe = _recipe(path, config)
     watermark, watermarked = _watermark(path, config, recipe)
     log = log or AuditLog(config.audit.log)
@@ -65,6 +64,19 @@ def verify_image(path: Path, config: StudioConfig, log: AuditLog | None = None) 
             "(the log was cut, replaced or is another machine's)"
         )
     return Verification(path, credentials, watermark, watermarked, recipe, entry, problem)
+
+
+def _trust_anchors(config: StudioConfig) -> bytes | None:
+    path = config.provenance.trust_anchors
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ConfigError(
+            f"provenance.trust_anchors {path} cannot be read ({err.strerror}).",
+            fix="point it at a PEM file of root certificates, or unset it.",
+        ) from err
 
 
 def _recipe(path: Path, config: StudioConfig) -> Recipe | None:

@@ -51,4 +51,10 @@ def tiny_overrides(tiny_kit: Path, tmp_path: Path) -> list[str]:
         f"output_dir={str(tmp_path / 'out')!r}",
         f"audit.log={str(tmp_path / 'audit' / 'audit.jsonl')!r}",
         f"provenance.data_dir={str(tmp_path / 'studio-data')!r}",
+        *UNMARKED,
     ]
+
+
+# Most tests compare pixels between outputs: they run without the watermark and the C2PA signature (each
+# output's audit entry says so). tests/test_provenance.py runs the studio with every mark on.
+UNMARKED = ("provenance.watermark=false", "provenance.c2pa=false")

@@ -1,4 +1,4 @@
-"""Content checks: NudeNet on the studio's own ORT session, faithfulness to nudenet, prompt terms, failing closed.
+"""Content checks: NudeNet on our own ORT session, faithfulness to nudenet, prompt terms, failing closed.
 
 Faithfulness is shown on benign pictures only (scikit-image): our pre/post-processing against nudenet's own
 ``NudeDetector.detect``; the blocking path is exercised by blocking a class that fires on them (FACE_FEMALE).
@@ -343,7 +343,10 @@ def test_a_failing_inference_fails_closed_when_required(tmp_path: Path) -> None:
         ("Bare   Breasts at dawn", ("prompt: blocked term 'bare breasts'",)),
         ("bare_breasts, 1girl", ("prompt: blocked term 'bare breasts'",)),
         ("barely breasts", ()),
-        ("nude, bare breasts, nude again", ("prompt: blocked term 'nude'", "prompt: blocked term 'bare breasts'")),
+        (
+            "nude, bare breasts, nude again",
+            ("prompt: blocked term 'nude'", "prompt: blocked term 'bare breasts'"),
+        ),
         ("a cat in a hat", ()),
     ],
 )

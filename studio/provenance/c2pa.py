@@ -31,7 +31,7 @@ from types import ModuleType
 from typing import Any, Literal
 
 from studio._version import __version__
-from studio.errors import ConfigError, RuntimeSetupError
+from studio.errors import ConfigError, OutputError, RuntimeSetupError
 from studio.files import atomic_writer
 
 logger = logging.getLogger(__name__)
@@ -139,6 +139,12 @@ def sign_png(data: bytes, facts: ManifestFacts, identity: SigningIdentity) -> by
     except c2pa.C2paError.Signature as err:
         raise ConfigError(
             f"The C2PA signing credentials from {identity.source} were refused: {err}.", fix=_CERT_FIX + "."
+        ) from err
+    except c2pa.C2paError as err:  # e.g. a parent image c2pa-rs cannot parse
+        raise OutputError(
+            f"Could not sign {facts.title} with C2PA Content Credentials: {err}; nothing was written.",
+            fix="check the source image; provenance.c2pa = false writes without credentials (and says so "
+            "in the audit log).",
         ) from err
     signed = out.getvalue()
     logger.debug("signed %s: %d -> %d bytes", facts.title, len(data), len(signed))

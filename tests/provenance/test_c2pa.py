@@ -7,6 +7,8 @@ import io
 import logging
 import stat
 import struct
+import subprocess
+import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from studio.errors import ConfigError, RuntimeSetupError
+from studio.errors import ConfigError, OutputError, RuntimeSetupError
 from studio.imageio import read_metadata, write_image
 from studio.provenance.c2pa import (
     CA_KEY_FILE,
@@ -267,3 +269,23 @@ def test_a_broken_parent_is_reported_but_the_child_stays_valid(
 def test_bad_trust_anchors_are_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="trust anchors"):
         read_credentials(_png(tmp_path), b"not a certificate")
+
+
+def test_importing_the_module_stays_light() -> None:
+    code = "import sys, studio.provenance.c2pa; print(sorted({'c2pa', 'cryptography'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_draft_from_an_input_image_is_created_with_an_input(
+    tmp_path: Path, identity: SigningIdentity
+) -> None:
+    signed = sign_png(_png(tmp_path), _facts(parent=_png(tmp_path, seed=6)), identity)
+    manifest = read_credentials(signed).manifest
+    assert manifest is not None and [a["action"] for a in manifest["actions"]] == ["c2pa.created"]
+    assert manifest["ingredients"][0]["relationship"] == "inputTo"
+
+
+def test_an_unreadable_parent_is_an_output_error(tmp_path: Path, identity: SigningIdentity) -> None:
+    with pytest.raises(OutputError, match=r"out\.png"):
+        sign_png(_png(tmp_path), _facts(edited=True, parent=b"\x89PNG\r\n\x1a\nbroken"), identity)
