@@ -37,6 +37,12 @@ class IdentityError(InputError):
     """An identity name, enrolment, file or consent state does not allow the requested use."""
 
 
+class ContentBlockedError(InputError):
+    """A prompt or a picture is blocked by the content check (safety.*): nothing is written for it."""
+
+    exit_code = 11
+
+
 class ModelError(StudioError):
     """A model is unknown, missing, corrupt or not allowed."""
 

@@ -127,7 +127,7 @@ class OutputSink:
         # 2. PNG chunks: the A1111 parameters and the recipe
         png = encode_png(image, parameters=a1111_parameters(recipe), recipe=recipe.to_dict())
         # 3. the C2PA signature, last: the audit head it names is the log's state before this output
-        identities = _identities(recipe)
+        identities = output_identities(recipe)
         png = provenance.seal(
             png,
             title=path.name,
@@ -168,7 +168,7 @@ class _Output:
     intermediate: bool = False
 
 
-def _identities(recipe: Recipe) -> dict[str, str]:
+def output_identities(recipe: Recipe) -> dict[str, str]:
     """Every identity an output used (name -> identity file sha256): refine casts and the draft adapter."""
     found = dict(recipe.refine.identities) if recipe.refine is not None else {}
     adapter = recipe.draft.adapter if recipe.draft is not None else None

@@ -43,10 +43,18 @@ from studio.models import open_catalogue
 from studio.models.cache import ModelCache
 from studio.models.catalogue import Catalogue
 from studio.models.resolve import ResolvedModel, resolve
-from studio.output import OutputSink
+from studio.output import OutputSink, output_identities
 from studio.prepare import build_draft_request
 from studio.provenance import MARKING_OFF_NOTE, Provenance
-from studio.qa import NO_CONTENT_CHECK_NOTE, ContentCheck, Verdict, gate, no_content_check, reroll_seed
+from studio.qa import (
+    NO_CONTENT_CHECK_NOTE,
+    ContentCheck,
+    Verdict,
+    content_gate,
+    gate,
+    no_content_check,
+    reroll_seed,
+)
 from studio.recipe import (
     DraftRecord,
     Recipe,
@@ -59,6 +67,7 @@ from studio.recipe import (
 )
 from studio.request import GenerateRequest
 from studio.results import Draft, GenerateResult, Refined, Reproduction
+from studio.safety import content_check as configured_check
 from studio.types import Identity, ImageBGR
 
 if TYPE_CHECKING:
@@ -93,9 +102,12 @@ class Studio:
     ) -> None:
         self.config = config
         self.cache = cache or ModelCache()
-        self.content_check = content_check or no_content_check
-        self.provenance = Provenance(config)  # marks, signs and audits every output this Studio writes
         self.catalogue: Catalogue = open_catalogue(config)
+        # the content check safety.* asks for (none: a placeholder that passes, and says so in the notes)
+        self.content_check = (
+            content_check or configured_check(config, self.catalogue, self.cache) or no_content_check
+        )
+        self.provenance = Provenance(config)  # marks, signs and audits every output this Studio writes
         self._config_record = config_to_dict(config)  # the config as every recipe records it (frozen)
 
     @property
@@ -254,7 +266,7 @@ class Studio:
             if only_seed is not None and draft.recipe.seed != only_seed:
                 continue  # reproducing one image of a batch: the others are rendered, not written
             label = f"seed {draft.recipe.seed}"
-            judged = self._refine_gated(draft, setup, timings, run, label)
+            judged = self._judged(draft, setup, timings, run, label)
             key = (judged.refined or judged.picture).recipe.id  # re-roll seeds derive from the first try's
             for attempt in range(1, max_rerolls + 1):
                 if judged.verdict.passed:
@@ -265,7 +277,7 @@ class Studio:
                 again = replace(request, seed=seed, count=1, batch_size=1)
                 with _timed(timings, "draft"):
                     redraft = next(self._render(again, self._plan(again), progress))
-                judged = self._refine_gated(redraft, setup, timings, run, f"seed {seed}")
+                judged = self._judged(redraft, setup, timings, run, f"seed {seed}")
             with _timed(timings, "write"):
                 run.write(judged, f"seed {judged.picture.recipe.seed}")
         return run.result(config_file, timings, self._notes(refining=setup is not None))
@@ -278,20 +290,37 @@ class Studio:
             sink, config_file = self._start_sink(None, request.to_dict())
         run = _RunLog(sink)
         for path in paths:
-            judged = self._refine_gated(self.open(path), setup, timings, run, Path(path).name)
+            judged = self._judged(self.open(path), setup, timings, run, Path(path).name)
             with _timed(timings, "write"):
                 run.write(judged, Path(path).name)
         return run.result(config_file, timings, self._notes(refining=True))
 
-    def _refine_gated(
-        self, picture: Draft, setup: _RefineSetup | None, timings: dict[str, float], run: _RunLog, label: str
+    def judge(self, picture: Draft, request: GenerateRequest) -> tuple[Draft | Refined, Verdict]:
+        """Content-check ``picture``, refine it when ``request`` names a cast, and judge the result.
+
+        A picture the content check blocks is not refined (no refine compute is spent on it)."""
+        setup = self._refine_setup(self._cast(request)) if picture.source or self.refines(request) else None
+        judged = self._judged(picture, setup, {}, None, "")
+        return judged.refined or judged.picture, judged.verdict
+
+    def _judged(
+        self,
+        picture: Draft,
+        setup: _RefineSetup | None,
+        timings: dict[str, float],
+        run: _RunLog | None,
+        label: str,
     ) -> _Judged:
-        """Refine ``picture`` (when a cast is set up) and judge the result with the QA gate."""
+        """Content-check the picture, refine it (when a cast is set up), judge the result."""
         if setup is None:
             return _Judged(picture, None, gate(picture, self.content_check))
+        before = content_gate(picture, self.content_check)
+        if before.blocked:  # no refine compute on a blocked draft
+            return _Judged(picture, None, before)
         with _timed(timings, "refine"):
             refined = self._refine(picture, setup)
-        run.statuses.append(f"{label}: {refined.status_line}")
+        if run is not None:
+            run.statuses.append(f"{label}: {refined.status_line}")
         return _Judged(picture, refined, gate(refined, self.content_check))
 
     def reproduce(self, image_path: Path, *, use_current_config: bool = False) -> Reproduction:
@@ -530,6 +559,7 @@ class _RunLog:
         self.failed_qa: list[Path] = []
         self.statuses: list[str] = []
         self.unchanged: list[str] = []
+        self.blocked: list[str] = []
 
     def write(self, judged: _Judged, label: str) -> None:
         """A passing result beside the run's others, a QA failure under failed-qa/ (marked in its name).
@@ -538,6 +568,15 @@ class _RunLog:
         existing file writes nothing; both are listed in ``unchanged`` (the command exits 7).
         """
         picture, refined, verdict = judged.picture, judged.refined, judged.verdict
+        if verdict.blocked:  # never written, never replaced by a black image: recorded with its scores
+            result = refined or picture
+            self.blocked.append(f"{label}: {'; '.join(verdict.reasons)}")
+            if self.sink.provenance is not None:
+                self.sink.provenance.audit.append(
+                    "blocked", identities=output_identities(result.recipe), recipe_id=result.recipe.id,
+                    reasons=list(verdict.reasons), scores=dict(verdict.scores),
+                )  # fmt: skip
+            return
         if refined is not None and not refined.changed:
             kept = picture.source is None
             self.unchanged.append(
@@ -566,6 +605,7 @@ class _RunLog:
             tuple(self.statuses),
             tuple(self.unchanged),
             tuple(self.failed_qa),
+            tuple(self.blocked),
         )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from studio.config import StudioConfig
 from studio.draft.pose import load_pose
 from studio.draft.request import ControlSpec, DraftRequest, FaceCondition
-from studio.errors import ModelError
+from studio.errors import ContentBlockedError, ModelError
 from studio.files import sha256_file
 from studio.imageio import read_image
 from studio.models.cache import ModelCache
@@ -19,6 +19,7 @@ from studio.models.catalogue import Catalogue
 from studio.models.resolve import resolve
 from studio.prompts import check_prompt, fill_template
 from studio.request import GenerateRequest
+from studio.safety import prompt_check
 from studio.styles import StylePreset, load_style
 from studio.types import ImageBGR
 
@@ -43,6 +44,12 @@ def build_draft_request(
     prompt, negative = fill_template(text, request.variables), fill_template(negative, request.variables)
     check_prompt(prompt)  # unsupported A1111 syntax fails before any model loads
     check_prompt(negative)
+    blocked = prompt_check(prompt, config.safety.blocked_terms)
+    if blocked:
+        raise ContentBlockedError(
+            f"The prompt is blocked by the content check: {'; '.join(blocked)}.",
+            fix="rephrase the prompt (the blocked terms are safety.blocked_terms).",
+        )
     draft = DraftRequest(
         prompt=prompt,
         negative=negative,

@@ -9,10 +9,11 @@ interface (an image in, the reasons it fails out); until a real checker is insta
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from studio.results import Draft, Refined
+from studio.safety import content_verdict
 from studio.types import ImageBGR
 
 ContentCheck = Callable[[ImageBGR], tuple[str, ...]]  # HxWx3 uint8 BGR -> reasons it fails (() = passes)
@@ -33,6 +34,8 @@ class Verdict:
     passed: bool
     reasons: tuple[str, ...] = ()
     similarities: tuple[float, ...] = ()  # one per swapped face, in face order
+    blocked: bool = False  # the content check failed: the picture is never written
+    scores: Mapping[str, float] = field(default_factory=dict)  # the content check's scores per class
 
 
 def gate(result: Draft | Refined, content_check: ContentCheck = no_content_check) -> Verdict:
@@ -48,8 +51,16 @@ def gate(result: Draft | Refined, content_check: ContentCheck = no_content_check
             for q in result.qa
             if not q.passed
         ]
-    reasons += [f"content: {reason}" for reason in content_check(result.image)]
-    return Verdict(not reasons, tuple(reasons), similarities)
+    content = content_verdict(content_check, result.image)
+    reasons += [f"content: {reason}" for reason in content.reasons]
+    return Verdict(not reasons, tuple(reasons), similarities, not content.passed, dict(content.scores))
+
+
+def content_gate(picture: Draft, content_check: ContentCheck = no_content_check) -> Verdict:
+    """The content check alone: run on a draft before refine, so no refine is spent on a blocked one."""
+    content = content_verdict(content_check, picture.image)
+    reasons = tuple(f"content: {reason}" for reason in content.reasons)
+    return Verdict(content.passed, reasons, (), not content.passed, dict(content.scores))
 
 
 def reroll_seed(key: str, attempt: int) -> int:

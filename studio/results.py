@@ -71,6 +71,7 @@ class GenerateResult:
     statuses: tuple[str, ...] = ()  # one line per refined image: what the refine stage did
     unchanged: tuple[str, ...] = ()  # refines that changed nothing (no file written for them)
     failed_qa: tuple[Path, ...] = ()  # outputs that failed the QA gate after their re-rolls (failed-qa/)
+    blocked: tuple[str, ...] = ()  # pictures the content check blocked (nothing written; in the audit log)
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ NUDENET_CLASSES: tuple[str, ...] = (
     "MALE_GENITALIA_EXPOSED", "ANUS_COVERED", "FEMALE_BREAST_COVERED", "BUTTOCKS_COVERED",
 )  # fmt: skip
 # the catalogue kind of content-check models (until studio.types has a "safety" kind)
-SAFETY_KIND: ModelKind = "detector"
+SAFETY_KIND: ModelKind = "safety"
 EXTRA_FIX = (
     "install the `safety` extra (`uv sync --extra safety`, which ships NudeNet's 320n.onnx), or run "
     '`studio models pull nudenet_320n`; or set safety.checker = "none".'

@@ -26,6 +26,7 @@ ModelKind = Literal[
     "upscaler",
     "adapter",
     "annotator",
+    "safety",
 ]
 MODEL_KINDS: tuple[ModelKind, ...] = get_args(ModelKind)
 

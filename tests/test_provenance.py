@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from studio.audit import AuditLog
 from studio.cli.main import app
 from studio.config import load_config
-from studio.errors import IdentityError
+from studio.errors import IdentityError, StudioError
 from studio.faces.consent import ConsentTerms
 from studio.imageio import read_image, write_image
 from studio.pipeline import Studio
@@ -43,6 +43,8 @@ def photo(tmp_path: Path) -> Path:
 def _cli(overrides: list[str], *args: str) -> tuple[int, str]:
     options = [part for item in overrides for part in ("--set", item)]
     result = CliRunner().invoke(app, [*args, "--profile", "tiny", *options])
+    if isinstance(result.exception, StudioError):  # what studio.cli.main.main turns into its exit code
+        return result.exception.exit_code, f"{result.output}error: {result.exception}"
     return result.exit_code, result.output
 
 
@@ -128,3 +130,38 @@ def _chunk(png: bytes, kind: bytes) -> bytes:
             return png[at : at + 12 + length]
         at += 12 + length
     raise AssertionError(f"no {kind!r} chunk")
+
+
+# --- content checks: on the draft before refine and on the final image; a blocked picture is never written
+
+
+def test_a_blocked_draft_is_not_refined_written_or_blackened(marked: list[str], photo: Path) -> None:
+    config = load_config("tiny", overrides=[*marked, *UNMARKED])
+    seen: list[float] = []
+
+    def strict(image: np.ndarray) -> tuple[str, ...]:  # blocks everything, scoring the mean brightness
+        seen.append(float(image.mean()))
+        return ("fixture: blocks every picture",)
+
+    studio = Studio(config, content_check=strict)
+    studio.enrol("anna", [photo], consent="release #1")
+    result = studio.generate(GenerateRequest("a portrait", identity="anna", **FAST))
+    assert result.outputs == () and result.failed_qa == () and len(result.blocked) == 1
+    assert "refine" not in result.timings and len(seen) == 1  # checked once, on the draft; never refined
+    assert not list(config.output_dir.glob("*.png")) and not list(config.output_dir.rglob("*.png"))
+    entry = AuditLog(config.audit.log).entries()[-1]
+    assert entry.event == "blocked" and entry.identities == {} and entry.data["reasons"]
+    code, text = _cli([*marked, *UNMARKED, "safety.blocked_terms=['gore']"], "generate", "gore at dawn")
+    assert code == 11 and "blocked by the content check" in text and "gore" in text
+
+
+def test_the_nudenet_check_is_wired_from_the_config(marked: list[str], tmp_path: Path) -> None:
+    pytest.importorskip("nudenet", reason="the safety extra (uv sync --extra safety) is not installed")
+    from studio.safety import NudeNetCheck, UnavailableCheck
+
+    config = load_config("tiny", overrides=[*marked, "safety.checker='nudenet'"])
+    assert isinstance(Studio(config).content_check, NudeNetCheck)
+    missing = [*marked, "safety.checker='nudenet'", "safety.required=true", "safety.model='no-such-model'"]
+    closed = Studio(load_config("tiny", overrides=missing))
+    assert isinstance(closed.content_check, UnavailableCheck)  # fails closed: every picture blocked
+    assert closed.content_check(np.zeros((64, 64, 3), np.uint8))

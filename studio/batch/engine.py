@@ -24,7 +24,7 @@ from studio.batch.store import CampaignStore, ItemRow, worker_name
 from studio.batch.worker import Outcome, Task, Worker
 from studio.errors import RuntimeSetupError, StudioError
 from studio.imageio import read_image
-from studio.output import OutputSink
+from studio.output import OutputSink, output_identities
 from studio.provenance import Provenance
 from studio.qa import reroll_seed
 from studio.recipe import Recipe
@@ -154,7 +154,9 @@ def _record(
         return
     # 1. a freshly rendered draft is stored once, losslessly, under its key, for every item that shares it
     parent = outcome.draft_image
-    if outcome.draft_image is not None and outcome.draft_recipe is not None:
+    if outcome.qa.get("blocked"):
+        parent = None  # a blocked picture's draft is not kept either
+    elif outcome.draft_image is not None and outcome.draft_recipe is not None:
         draft = Recipe.from_json(outcome.draft_recipe)
         key = draft.draft_key or ""
         sink.write_addressed(outcome.draft_image, draft, key, subfolder=DRAFTS_DIR, intermediate=True)
@@ -166,17 +168,25 @@ def _record(
     recipe = Recipe.from_json(outcome.recipe or "")
     summary.notes.update(dict.fromkeys(recipe.notes))
     reroll = outcome.state == "failed_qa" and task.kind == "generate" and row.rerolls < max_rerolls
+    blocked = bool(outcome.qa.get("blocked")) and not reroll
     output = None
-    if not reroll:
+    if blocked:  # the content check blocked it: never written, recorded with its scores
+        if sink.provenance is not None:
+            sink.provenance.audit.append(
+                "blocked", identities=output_identities(recipe), recipe_id=recipe.id,
+                reasons=list(outcome.qa.get("reasons", [])), scores=dict(outcome.qa.get("scores", {})),
+            )  # fmt: skip
+        summary.blocked.append(f"{task.item[:12]}: {'; '.join(outcome.qa.get('reasons', []))}")
+    elif not reroll:
         sub = f"{OUTPUTS_DIR}/{row.job}" if outcome.state == "done" else f"{OUTPUTS_DIR}/{FAILED_QA_DIR}"
         refined = recipe.refine is not None and recipe.draft is not None
         path = sink.write_addressed(
             outcome.image, recipe, recipe.id, subfolder=sub, parent=parent if refined else None
         )
         output = str(path.relative_to(folder))
-    rendered = outcome.draft_image is not None
+    rendered, state = outcome.draft_image is not None, "blocked" if blocked else outcome.state
     store.finish(
-        task.item, task.attempt, outcome.state, output=output, qa=outcome.qa, draft_rendered=rendered,
+        task.item, task.attempt, state, output=output, qa=outcome.qa, draft_rendered=rendered,
         seconds=outcome.seconds, reroll=reroll,
     )  # fmt: skip
 

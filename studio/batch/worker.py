@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from studio.errors import IdentityError, StudioError
+from studio.errors import ContentBlockedError, IdentityError, StudioError
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Worker:
         start, stage = time.perf_counter(), ["start"]
         try:
             outcome = self._run(task, stage)
-        except IdentityError as err:  # consent revoked, identity removed: the item cannot run (blocked)
+        except (IdentityError, ContentBlockedError) as err:  # consent revoked, a blocked prompt: blocked
             outcome = _error(task, "blocked", err, stage[0])
         except StudioError as err:
             outcome = _error(task, "failed", err, stage[0])
@@ -76,7 +76,6 @@ class Worker:
 
     def _run(self, task: Task, stage: list[str]) -> Outcome:
         from studio.imageio import read_image, read_metadata
-        from studio.qa import gate
         from studio.recipe import recipe_from_image
         from studio.request import GenerateRequest
         from studio.results import Draft
@@ -97,21 +96,16 @@ class Worker:
             picture = studio.rebase(stored, request)
         else:
             picture = rendered = studio.draft(request)[0]
-        # 3. refine, and the QA gate
-        result: Any = picture
-        if task.kind == "refine" or studio.refines(request):
-            stage[0] = "refine"
-            result = studio.refine(
-                picture, request.identity or "", select=request.select, index=request.face_index,
-                match=request.match,
-            )  # fmt: skip
-        stage[0] = "qa"
-        verdict = gate(result, studio.content_check)
+        # 3. the content check on the picture, refine (not for a blocked picture), and the QA gate
+        stage[0] = "refine"
+        result, verdict = studio.judge(picture, request)
         qa = {
             "passed": verdict.passed,
             "reasons": list(verdict.reasons),
             "similarities": list(verdict.similarities),
             "status": getattr(result, "status", "draft"),
+            "blocked": verdict.blocked,
+            "scores": dict(verdict.scores),
         }
         return Outcome(
             task.item,

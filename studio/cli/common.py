@@ -89,6 +89,7 @@ def report(
             "statuses": list(result.statuses),
             "unchanged": list(result.unchanged),
             "failed_qa": [str(p) for p in result.failed_qa],
+            "blocked": list(result.blocked),
             "notes": list(result.notes),
             "timings_s": {k: round(v, 4) for k, v in timings.items()},
             **(extra or {}),
@@ -105,6 +106,10 @@ def report(
         out.print(f"config {result.config_file}", highlight=False)
     for item in result.unchanged:
         err_console.print(f"[bold red]error:[/] refine changed nothing: {escape(item)}")
+    for item in result.blocked:
+        err_console.print(f"[bold red]error:[/] blocked by the content check, not written: {escape(item)}")
+    if result.blocked:
+        raise typer.Exit(11)
     for path in result.failed_qa:
         err_console.print(f"[bold red]error:[/] failed QA, written apart: {path}", highlight=False)
     if result.failed_qa:

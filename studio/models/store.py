@@ -33,6 +33,7 @@ KIND_FOLDERS: dict[ModelKind, tuple[str, ...]] = {
     "recognizer": ("insightface/models/buffalo_l", "insightface"),
     "swapper": ("insightface",),
     "adapter": ("ipadapter", "adapters"),
+    "safety": ("nudenet",),  # content-check models
     "annotator": (  # the OpenPose files, where ComfyUI's controlnet_aux and A1111's ControlNet keep them
         "custom_nodes/comfyui_controlnet_aux/ckpts/lllyasviel/Annotators",
         "extensions/sd-webui-controlnet/annotator/downloads/openpose",

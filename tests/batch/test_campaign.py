@@ -329,3 +329,17 @@ def test_a_worker_that_cannot_start_stops_the_run_with_its_error(enrolled: list[
     with pytest.raises(ConfigError, match="steps"):
         pool.submit(Task(row.id, 1, row.kind, row.request))
     assert all(not w.process.is_alive() for w in pool._workers)  # closed, nothing left running
+
+
+def test_a_blocked_item_is_never_written_and_its_scores_are_kept(enrolled: list[str], tmp_path: Path) -> None:
+    closed = ["safety.checker='nudenet'", "safety.required=true", "safety.model='no-such-model'"]
+    body = K8.replace('["p0", "p1", "p2", "p3", "p4", "p5", "p6", "p7"]', '["p0"]')
+    campaign = Campaign.load(manifest(tmp_path, body), "tiny", overrides=[*enrolled, *closed])
+    campaign.submit()
+    pool = _CrashingPool(config_to_dict(campaign.config), set())
+    summary = run_items(campaign.store, campaign.folder, pool, max_rerolls=1)
+    (row,) = campaign.store.items()
+    assert row.state == "blocked" and row.output is None and summary.counts["blocked"] == 1
+    attempts = campaign.store.attempts(row.id)
+    assert len(attempts) == 2 and all(a.qa["blocked"] for a in attempts)  # type: ignore[index]  # re-rolled once
+    assert "safety.required" in row.reasons[0] and not list(campaign.folder.rglob("*.png"))  # no draft kept
