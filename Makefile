@@ -1,7 +1,9 @@
 # The two commands a fresh machine needs (see README): `make demo` and `make test`.
 # Both install what they need: uv (from PyPI) and the locked environment in .venv (uv.lock), compiled to
-# bytecode once (every `studio` command and campaign worker process starts seconds faster), with the ray extra.
+# bytecode once (every `studio` command and campaign worker process starts seconds faster), with the extras the
+# tests exercise: ray (campaigns on Ray) and safety (the NudeNet content check).
 UV_VERSION := 0.13.8
+EXTRAS := --extra ray --extra safety
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 PROMPT ?= a 30-year-old Nordic architect, round glasses, Copenhagen sunlight
 
@@ -9,7 +11,7 @@ PROMPT ?= a 30-year-old Nordic architect, round glasses, Copenhagen sunlight
 
 setup:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
-	$(UV) sync --frozen --extra ray --compile-bytecode
+	$(UV) sync --frozen $(EXTRAS) --compile-bytecode
 
 # The main job on the tiny profile: enrol a demo identity (scikit-image's public-domain astronaut photo),
 # then draft two pictures and refine their faces to it.
@@ -25,7 +27,7 @@ test: setup
 	$(UV) venv --quiet --allow-existing --python 3.11 .venv-sdparsers
 	$(UV) pip install --quiet --python .venv-sdparsers/bin/python "$(SD_PARSERS)"
 	$(UV) run --frozen ruff check .
-	STUDIO_SD_PARSERS_PYTHON=$(CURDIR)/.venv-sdparsers/bin/python $(UV) run --frozen pytest
+	STUDIO_SD_PARSERS_PYTHON=$(CURDIR)/.venv-sdparsers/bin/python $(UV) run --frozen $(EXTRAS) pytest
 
 lint: setup
 	$(UV) run --frozen ruff check .

@@ -264,6 +264,7 @@ def _resume(root: Path, base: list[str], out: Path) -> int:
 
 def _ray_speedup(root: Path, base: list[str], items: int) -> tuple[float, str]:
     try:
+        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # see studio.batch.ray_engine.UV_HOOK
         import ray
 
         import studio.batch.ray_engine  # noqa: F401

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # as studio.batch.ray_engine: see UV_HOOK there
 
 
 @pytest.fixture(scope="session", autouse=True)

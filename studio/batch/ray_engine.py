@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -132,7 +133,15 @@ class _RayWorker:
         return self.worker.run(task)
 
 
+# Ray replicates a driver started by `uv run` onto its workers (RAY_ENABLE_UV_RUN_RUNTIME_ENV, on by
+# default): each worker then runs `uv run` in an uploaded copy of the working folder, builds a fresh
+# environment there and times out on start. The studio's workers use the driver's own environment (the same
+# paths on every node), so the hook is off unless the user set it; Ray reads it when it is first imported.
+UV_HOOK = "RAY_ENABLE_UV_RUN_RUNTIME_ENV"
+
+
 def _import_ray() -> Any:
+    os.environ.setdefault(UV_HOOK, "0")
     try:
         import ray
     except ImportError as err:

@@ -63,6 +63,8 @@ def workspace(tiny_kit: Path, tmp_path_factory: pytest.TempPathFactory) -> Works
         "models.tiny_kit": tiny_kit,
         "models.dir": root / "models",
         "refine.identities_dir": root / "ids",
+        "audit.log": root / "audit.jsonl",
+        "provenance.data_dir": root / "studio-data",
     }
     sets = ["--profile", "tiny", *(a for k, v in settings.items() for a in ("--set", f"{k}={str(v)!r}"))]
     photo = root / "astronaut.png"
@@ -73,7 +75,9 @@ def workspace(tiny_kit: Path, tmp_path_factory: pytest.TempPathFactory) -> Works
     runner = CliRunner()  # in process: six `identity add` subprocesses would add half a minute of imports
     for name in names:
         consent = "demo: scikit-image astronaut sample photo, public domain"
-        added = runner.invoke(app, ["identity", "add", name, str(photo), "--consent", consent, *sets])
+        added = runner.invoke(
+            app, ["identity", "add", name, str(photo), "--consent", consent, "--scope", "ads", *sets]
+        )
         assert added.exit_code == 0, added.output
         assert f"enrolled {name}" in added.output
     return Workspace(root, sets)
@@ -176,3 +180,8 @@ def test_ad_localisation_example(workspace: Workspace) -> None:
         assert row["qa"]["passed"] and row["qa"]["similarities"]
         image = read_image(Path(row["output"]))
         assert image.shape == master.shape and (image != master).any()
+    # every output is marked, signed and audited: a re-faced master and a variant, as a user checks them
+    variant = next(row for row in rows if row["job"] == "variants")
+    verified = workspace.studio("verify", refaced[0]["output"], variant["output"])
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert verified.stdout.count("verdict: signed, watermarked and audited") == 2
