@@ -123,9 +123,16 @@ class Recipe:
             refine = {
                 k: getattr(self.refine, k) for k in ("cast", "select", "face_index", "match", "identities")
             }
+        # a draft's seed and batch are in its draft record: the request's seed, count and batch size then
+        # say nothing more (image k of a batch, reproduced alone, keeps its id and so its watermark)
+        request = (
+            self.request
+            if self.draft is None
+            else {k: v for k, v in self.request.items() if k not in ("seed", "count", "batch_size")}
+        )
         return _digest(
             {
-                "request": self.request,
+                "request": request,
                 "config": _what(self.config),
                 "models": self.models,
                 "draft": self.draft_key,

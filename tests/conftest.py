@@ -50,8 +50,15 @@ def tiny_overrides(tiny_kit: Path, tmp_path: Path) -> list[str]:
         f"models.tiny_kit={str(tiny_kit)!r}",
         f"models.dir={str(tmp_path / 'models')!r}",
         f"output_dir={str(tmp_path / 'out')!r}",
-        f"audit.log={str(tmp_path / 'audit' / 'audit.jsonl')!r}",
-        f"provenance.data_dir={str(tmp_path / 'studio-data')!r}",
+        *private_overrides(tmp_path),
+    ]
+
+
+def private_overrides(work: Path) -> list[str]:
+    """A test's own audit log and signing CA (never the user's), and no marks (see UNMARKED)."""
+    return [
+        f"audit.log={str(work / 'audit' / 'audit.jsonl')!r}",
+        f"provenance.data_dir={str(work / 'studio-data')!r}",
         *UNMARKED,
     ]
 

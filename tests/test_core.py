@@ -16,6 +16,7 @@ from studio.pipeline import Studio
 from studio.recipe import Recipe
 from studio.request import GenerateRequest
 from studio.results import Draft
+from tests.conftest import private_overrides
 
 FAST = {"steps": 3, "width": 64, "height": 64}
 
@@ -29,6 +30,7 @@ def studio(tiny_kit: Path, tmp_path_factory: pytest.TempPathFactory) -> Studio:
             f"models.tiny_kit={str(tiny_kit)!r}",
             f"models.dir={str(work / 'models')!r}",
             f"output_dir={str(work / 'out')!r}",
+            *private_overrides(work),
         ],
     )
     return Studio(config)

@@ -18,6 +18,7 @@ from studio.files import TEMP_MARK, atomic_writer
 from studio.imageio import read_image, read_metadata
 from studio.output import OutputSink
 from studio.recipe import Recipe
+from tests.conftest import private_overrides
 
 WRITER = """
 import sys
@@ -52,7 +53,7 @@ def test_two_processes_writing_one_folder_lose_nothing(tmp_path: Path) -> None:
 
 
 def test_a_run_writes_its_config_and_request_first(tmp_path: Path) -> None:
-    config = load_config("tiny", overrides=[f"output_dir={str(tmp_path)!r}"])
+    config = load_config("tiny", overrides=[f"output_dir={str(tmp_path)!r}", *private_overrides(tmp_path)])
     sink = OutputSink(tmp_path)
     config_file = sink.start(config, {"prompt": "a {kind} keeper", "variables": {"kind": "lighthouse"}})
     assert config_file.name == f"{sink.run_id}-config.toml" and "tiny-sd15" in config_file.read_text()

@@ -165,3 +165,11 @@ def test_the_nudenet_check_is_wired_from_the_config(marked: list[str], tmp_path:
     closed = Studio(load_config("tiny", overrides=missing))
     assert isinstance(closed.content_check, UnavailableCheck)  # fails closed: every picture blocked
     assert closed.content_check(np.zeros((64, 64, 3), np.uint8))
+
+
+def test_a_marked_output_reproduces_bit_identically(marked: list[str]) -> None:
+    studio = Studio(load_config("tiny", overrides=marked))
+    result = studio.generate(GenerateRequest("a portrait", count=2, batch_size=2, **FAST))
+    again = studio.reproduce(result.outputs[1])  # image 2 of a batch, alone: the same recipe id, same mark
+    assert again.identical, again.differences
+    assert verify_image(again.result.outputs[0], studio.config).ok

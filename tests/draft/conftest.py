@@ -8,6 +8,7 @@ import pytest
 
 from studio.config import StudioConfig, load_config
 from studio.pipeline import Studio
+from tests.conftest import private_overrides
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +20,7 @@ def tiny_config(tiny_kit: Path, tmp_path_factory: pytest.TempPathFactory) -> Stu
             f"models.tiny_kit={str(tiny_kit)!r}",
             f"models.dir={str(work / 'models')!r}",
             f"output_dir={str(work / 'out')!r}",
+            *private_overrides(work),
             f"draft.lora_dir={str(work / 'loras')!r}",
         ],
     )
