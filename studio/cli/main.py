@@ -50,7 +50,6 @@ app.add_typer(identity_app, name="identity")
 app.add_typer(config_app, name="config")
 app.add_typer(campaign_app, name="campaign")
 app.add_typer(audit_app, name="audit")
-app.command("verify")(verify_command)
 
 
 @app.callback(invoke_without_command=True)
@@ -232,6 +231,9 @@ def reproduce(
             out.print(f"differs: {escape(difference)}")
     if not again.identical:
         raise typer.Exit(8)
+
+
+app.command("verify")(verify_command)  # after generate, refine and reproduce in the command list
 
 
 def _pairs(items: list[str], option: str, sep: str) -> dict[str, str]:
