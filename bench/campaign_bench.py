@@ -51,7 +51,12 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="campaign-bench-") as tmp:
         root = Path(tmp)
-        base = [f"models.dir={str(root / 'models')!r}", f"refine.identities_dir={str(root / 'ids')!r}"]
+        base = [
+            f"models.dir={str(root / 'models')!r}",
+            f"refine.identities_dir={str(root / 'ids')!r}",
+            f"audit.log={str(root / 'audit.jsonl')!r}",  # the bench's own log and signing CA, not yours
+            f"provenance.data_dir={str(root / 'studio-data')!r}",
+        ]
         _enrol(root, base)
         if args.only_ray:
             print(f"RESULT ray_speedup_2w={_ray_speedup(root, base, args.ray_items)[0]:.3f}")
