@@ -1,10 +1,10 @@
 """The campaign coordinator: hands pending items to workers, writes every file and every state change.
 
 Workers come from a pool: :class:`LocalPool` (worker processes on this machine, the default) or
-``studio.batch.ray_engine.RayPool``. The coordinator alone writes the store and the files: a draft is
-stored losslessly under ``drafts/<draft key>.png`` the first time it is rendered and reused by every item
-that shares it; an output goes to ``outputs/<job>/<recipe id>.png`` (``failed-qa/`` when it failed the QA
-gate after its re-rolls) through the output sink, then the item is marked done, in that order: a killed
+``studio.batch.ray_engine.RayPool``. The coordinator alone writes the store and the files: a draft that
+other unfinished items share is stored losslessly under ``drafts/<draft key>.png`` when it is first rendered,
+and each of them reuses it; an output goes to ``outputs/<job>/<recipe id>.png`` (``failed-qa/`` when it
+failed the QA gate after its re-rolls) through the output sink, then the item is marked done, in that order: a killed
 coordinator leaves at most a complete file whose item is pending, and writing it again is a no-op.
 """
 
@@ -159,7 +159,8 @@ def _record(
     elif outcome.draft_image is not None and outcome.draft_recipe is not None:
         draft = Recipe.from_json(outcome.draft_recipe)
         key = draft.draft_key or ""
-        sink.write_addressed(outcome.draft_image, draft, key, subfolder=DRAFTS_DIR, intermediate=True)
+        if store.sharers(key, task.item):  # kept only for the items that will reuse it
+            sink.write_addressed(outcome.draft_image, draft, key, subfolder=DRAFTS_DIR, intermediate=True)
         summary.drafts_rendered += 1
     elif task.draft is not None:
         summary.drafts_reused += 1

@@ -180,6 +180,13 @@ class CampaignStore:
             )
         return _item_row(rows[0])
 
+    def sharers(self, draft_key: str, item_id: str) -> int:
+        """Unfinished items other than ``item_id`` that use the draft ``draft_key``."""
+        return self._db.execute(
+            "SELECT COUNT(*) FROM items WHERE draft_key = ? AND id != ? AND state IN ('pending', 'running')",
+            (draft_key, item_id),
+        ).fetchone()[0]
+
     def counts(self) -> dict[str, int]:
         """Items per state (every state listed)."""
         found = dict(self._db.execute("SELECT state, COUNT(*) FROM items GROUP BY state").fetchall())
