@@ -4,8 +4,9 @@ Workers come from a pool: :class:`LocalPool` (worker processes on this machine, 
 ``studio.batch.ray_engine.RayPool``. The coordinator alone writes the store and the files: a draft that
 other unfinished items share is stored losslessly under ``drafts/<draft key>.png`` when it is first rendered,
 and each of them reuses it; an output goes to ``outputs/<job>/<recipe id>.png`` (``failed-qa/`` when it
-failed the QA gate after its re-rolls) through the output sink, then the item is marked done, in that order: a killed
-coordinator leaves at most a complete file whose item is pending, and writing it again is a no-op.
+failed the QA gate after its re-rolls) through the output sink, then the item is marked done, in that
+order: a killed coordinator leaves at most a complete file whose item is pending, and writing it again is a
+no-op.
 """
 
 from __future__ import annotations
