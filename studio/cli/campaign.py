@@ -120,6 +120,11 @@ def status_command(
 ) -> None:
     """Items per state; every item that did not finish well, with each attempt's reason."""
     campaign = _open(manifest, profile, config_file, overrides, output_dir, debug, verbose)
+    if not campaign.exists:  # nothing to report, and nothing is created for asking
+        name = escape(campaign.manifest.name)
+        out.print(f"campaign {name} has not been run yet (no store in {campaign.folder}); "
+                  f"`studio campaign plan {manifest}` shows what it would make", highlight=False)  # fmt: skip
+        return
     status = campaign.status()
     if as_json:
         items = [_item_json(campaign, row) for row in status.items]

@@ -343,3 +343,15 @@ def test_a_blocked_item_is_never_written_and_its_scores_are_kept(enrolled: list[
     attempts = campaign.store.attempts(row.id)
     assert len(attempts) == 2 and all(a.qa["blocked"] for a in attempts)  # type: ignore[index]  # re-rolled once
     assert "safety.required" in row.reasons[0] and not list(campaign.folder.rglob("*.png"))  # no draft kept
+
+
+def test_status_of_a_campaign_never_run_creates_nothing(enrolled: list[str], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from studio.cli.main import app
+
+    path = manifest(tmp_path, K8)
+    options = [part for item in enrolled for part in ("--set", item)]
+    result = CliRunner().invoke(app, ["campaign", "status", str(path), "--profile", "tiny", *options])
+    assert result.exit_code == 0 and "has not been run yet" in result.output
+    assert not Campaign.load(path, "tiny", overrides=enrolled).folder.exists()
