@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,6 +102,14 @@ class OutputSink:
         except FileExistsError:
             logger.info("%s is already written (content-addressed): kept", path)
             return path
+
+    def record_blocked(self, recipe: Recipe, reasons: Sequence[str], scores: Mapping[str, float]) -> None:
+        """Audit a picture the content check blocked (nothing is written): its recipe id and scores."""
+        if self.provenance is not None:
+            self.provenance.audit.append(
+                "blocked", identities=output_identities(recipe), recipe_id=recipe.id,
+                reasons=list(reasons), scores=dict(scores),
+            )  # fmt: skip
 
     def sweep(self) -> None:
         """Remove temp files of ours that killed runs left in the folder."""

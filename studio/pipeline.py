@@ -43,7 +43,7 @@ from studio.models import open_catalogue
 from studio.models.cache import ModelCache
 from studio.models.catalogue import Catalogue
 from studio.models.resolve import ResolvedModel, resolve
-from studio.output import OutputSink, output_identities
+from studio.output import OutputSink
 from studio.prepare import build_draft_request
 from studio.provenance import MARKING_OFF_NOTE, Provenance
 from studio.qa import (
@@ -571,11 +571,7 @@ class _RunLog:
         if verdict.blocked:  # never written, never replaced by a black image: recorded with its scores
             result = refined or picture
             self.blocked.append(f"{label}: {'; '.join(verdict.reasons)}")
-            if self.sink.provenance is not None:
-                self.sink.provenance.audit.append(
-                    "blocked", identities=output_identities(result.recipe), recipe_id=result.recipe.id,
-                    reasons=list(verdict.reasons), scores=dict(verdict.scores),
-                )  # fmt: skip
+            self.sink.record_blocked(result.recipe, verdict.reasons, verdict.scores)
             return
         if refined is not None and not refined.changed:
             kept = picture.source is None

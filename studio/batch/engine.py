@@ -25,7 +25,7 @@ from studio.batch.store import CampaignStore, ItemRow, worker_name
 from studio.batch.worker import Outcome, Task, Worker
 from studio.errors import RuntimeSetupError, StudioError
 from studio.imageio import read_image
-from studio.output import OutputSink, output_identities
+from studio.output import OutputSink
 from studio.provenance import Provenance
 from studio.qa import reroll_seed
 from studio.recipe import Recipe
@@ -173,11 +173,7 @@ def _record(
     blocked = bool(outcome.qa.get("blocked")) and not reroll
     output = None
     if blocked:  # the content check blocked it: never written, recorded with its scores
-        if sink.provenance is not None:
-            sink.provenance.audit.append(
-                "blocked", identities=output_identities(recipe), recipe_id=recipe.id,
-                reasons=list(outcome.qa.get("reasons", [])), scores=dict(outcome.qa.get("scores", {})),
-            )  # fmt: skip
+        sink.record_blocked(recipe, outcome.qa.get("reasons", []), outcome.qa.get("scores", {}))
         summary.blocked.append(f"{task.item[:12]}: {'; '.join(outcome.qa.get('reasons', []))}")
     elif not reroll:
         sub = f"{OUTPUTS_DIR}/{row.job}" if outcome.state == "done" else f"{OUTPUTS_DIR}/{FAILED_QA_DIR}"

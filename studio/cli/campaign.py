@@ -28,6 +28,9 @@ campaign_app = typer.Typer(help="Campaigns: a manifest of prompts × styles × i
 
 Manifest = Annotated[Path, typer.Argument(help="The campaign manifest (TOML; see docs/campaigns.md).")]
 OutDir = Annotated[Path | None, typer.Option("--out", help="Output folder (default: config).")]
+EngineOption = Annotated[str, typer.Option("--engine", help="local (worker processes) or ray.")]
+Address = Annotated[str | None, typer.Option("--address", help="Ray cluster address (--engine ray).")]
+Workers = Annotated[int, typer.Option("--workers", min=1, max=256, help="Workers (one Studio each).")]
 EXIT_NOT_ALL_DONE = 9  # some items failed QA, failed or are blocked (see `studio campaign status`)
 
 
@@ -79,11 +82,9 @@ def plan_command(
 @campaign_app.command("run")
 def run_command(
     manifest: Manifest,
-    engine: Annotated[str, typer.Option("--engine", help="local (worker processes) or ray.")] = "local",
-    address: Annotated[
-        str | None, typer.Option("--address", help="Ray cluster address (--engine ray).")
-    ] = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, max=256, help="Workers (one Studio each).")] = 1,
+    engine: EngineOption = "local",
+    address: Address = None,
+    workers: Workers = 1,
     profile: Profile = "default",
     config_file: ConfigFile = None,
     overrides: Overrides = None,
@@ -93,17 +94,9 @@ def run_command(
     as_json: Json = False,
 ) -> None:
     """Render every unfinished item (a rerun after a crash renders only what is left)."""
-    if engine not in ("local", "ray"):
-        from studio.errors import InputError
-
-        raise InputError(f"--engine {engine!r} received.", fix="use --engine local or --engine ray.")
+    _check_engine(engine)
     campaign = _open(manifest, profile, config_file, overrides, output_dir, debug, verbose)
-    with _progress(enabled=not as_json) as update:
-        summary = campaign.run(engine, workers=workers, address=address, progress=update)  # type: ignore[arg-type]
-    _finish(campaign, summary.counts, as_json, {
-        "attempts": summary.attempts, "drafts_rendered": summary.drafts_rendered,
-        "drafts_reused": summary.drafts_reused, "seconds": round(summary.seconds, 2),
-    })  # fmt: skip
+    _run(campaign, engine, workers, address, as_json, {})
 
 
 @campaign_app.command("status")
@@ -154,11 +147,9 @@ def retry_command(
     items: Annotated[
         list[str] | None, typer.Option("--item", help="Re-roll this item (id or prefix).")
     ] = None,
-    engine: Annotated[str, typer.Option("--engine", help="local or ray.")] = "local",
-    address: Annotated[
-        str | None, typer.Option("--address", help="Ray cluster address (--engine ray).")
-    ] = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, max=256, help="Workers.")] = 1,
+    engine: EngineOption = "local",
+    address: Address = None,
+    workers: Workers = 1,
     profile: Profile = "default",
     config_file: ConfigFile = None,
     overrides: Overrides = None,
@@ -172,6 +163,7 @@ def retry_command(
         from studio.errors import InputError
 
         raise InputError("Nothing to retry was named.", fix="pass --failed, --failed-qa or --item ID.")
+    _check_engine(engine)
     campaign = _open(manifest, profile, config_file, overrides, output_dir, debug, verbose)
     queued = campaign.retry(failed=failed, failed_qa=failed_qa) if failed or failed_qa else 0
     for item in items or []:
@@ -179,9 +171,7 @@ def retry_command(
         queued += 1
     if not as_json:
         out.print(f"queued {queued} item(s) again")
-    with _progress(enabled=not as_json) as update:
-        summary = campaign.run(engine, workers=workers, address=address, progress=update)  # type: ignore[arg-type]
-    _finish(campaign, summary.counts, as_json, {"queued": queued, "attempts": summary.attempts})
+    _run(campaign, engine, workers, address, as_json, {"queued": queued})
 
 
 @campaign_app.command("report")
@@ -224,6 +214,25 @@ def export_command(
     campaign = _open(manifest, profile, config_file, overrides, output_dir, debug, verbose)
     written = campaign.export(to, layout)  # type: ignore[arg-type]
     out.print(f"exported {len(written)} file(s) into {to}", highlight=False)
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ("local", "ray"):
+        from studio.errors import InputError
+
+        raise InputError(f"--engine {engine!r} received.", fix="use --engine local or --engine ray.")
+
+
+def _run(
+    campaign: Any, engine: str, workers: int, address: str | None, as_json: bool, extra: Mapping[str, Any]
+) -> None:
+    """Run the campaign with a progress bar, then print (or emit as JSON) what the run did."""
+    with _progress(enabled=not as_json) as update:
+        summary = campaign.run(engine, workers=workers, address=address, progress=update)
+    _finish(campaign, summary.counts, as_json, {
+        **extra, "attempts": summary.attempts, "drafts_rendered": summary.drafts_rendered,
+        "drafts_reused": summary.drafts_reused, "seconds": round(summary.seconds, 2),
+    })  # fmt: skip
 
 
 def _finish(campaign: Any, counts: Mapping[str, int], as_json: bool, extra: Mapping[str, Any]) -> None:
