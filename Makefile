@@ -3,7 +3,7 @@
 # bytecode once (every `studio` command and campaign worker process starts seconds faster), with the extras the
 # tests exercise: ray (campaigns on Ray) and safety (the NudeNet content check).
 UV_VERSION := 0.13.8
-EXTRAS := --extra ray --extra safety
+EXTRAS := --extra ray --extra safety --extra web
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 PROMPT ?= a 30-year-old Nordic architect, round glasses, Copenhagen sunlight
 

@@ -298,6 +298,20 @@ class SafetyConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """``studio web``: the browser UI and HTTP API (--host/--port/--auth on the command line)."""
+
+    host: str = "127.0.0.1"  # loopback only; any other address needs --auth or --auth-file
+    port: int = field(default=7860, metadata=bounds(1, 65535))
+    max_upload_mb: int = field(default=25, metadata=bounds(1, 2048))  # per uploaded file
+    slots: int = field(default=0, metadata=bounds(0, 64))  # jobs on the accelerator at once; 0: one per GPU
+    manifests: Path = Path("campaigns")  # campaign manifests offered in the Campaigns tab (besides uploads)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "web.")
+
+
+@dataclass(frozen=True)
 class StudioConfig:
     """The whole validated configuration."""
 
@@ -315,6 +329,7 @@ class StudioConfig:
     audit: AuditConfig = AuditConfig()
     consent: ConsentConfig = ConsentConfig()
     safety: SafetyConfig = SafetyConfig()
+    web: WebConfig = WebConfig()
     explicit_keys: tuple[str, ...] = ()  # keys set by --set or --config: they beat style presets
 
     def __post_init__(self) -> None:

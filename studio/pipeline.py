@@ -35,6 +35,7 @@ from studio.faces import (
     refine_models,
 )
 from studio.faces.consent import ConsentTerms
+from studio.faces.detect import detect_faces
 from studio.faces.identity import EnrolReport, IdentityLibrary
 from studio.faces.select import Cast
 from studio.files import sha256_file
@@ -68,7 +69,7 @@ from studio.recipe import (
 from studio.request import GenerateRequest
 from studio.results import Draft, GenerateResult, Refined, Reproduction
 from studio.safety import content_check as configured_check
-from studio.types import Identity, ImageBGR
+from studio.types import Face, Identity, ImageBGR
 
 if TYPE_CHECKING:
     from studio.draft.pipeline import DraftPipeline
@@ -332,6 +333,13 @@ class Studio:
         same = np.array_equal(read_image(result.outputs[0]), read_image(path))
         found = () if same else tuple(differences(recipe, again) or ["no recorded input differs"])
         return Reproduction(result, same, found)
+
+    def faces(self, picture: Draft | ImageBGR) -> tuple[Face, ...]:
+        """The faces the refine stage finds in ``picture``, in cast order: ``0=anna,1=kenji`` numbers them."""
+        image = picture.image if isinstance(picture, Draft) else picture
+        detector = resolve(self.config.refine.detector, "detector", self.config, self.catalogue)
+        model = load_face_model(detector, self.config, self.cache)
+        return detect_faces(image, model, self.config.refine.detect)
 
     def enrol(
         self, name: str, photos: list[Path], *, consent: str | ConsentTerms, replace: bool = False

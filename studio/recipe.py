@@ -31,8 +31,8 @@ if TYPE_CHECKING:  # annotations only: recipes stay light (no model library is i
 
 RECIPE_VERSION = 2
 LIBRARIES = ("torch", "diffusers", "transformers", "onnxruntime", "insightface", "peft")
-# config keys that say where or how fast, not what (ignored when comparing and keying recipes)
-_PATH_KEYS = ("output_dir",)
+# config keys that say where, how fast or how served, not what (ignored when comparing and keying recipes)
+_PATH_KEYS = ("output_dir", "web")  # web: how the UI is served
 _RUNTIME_HOW = ("threads",)
 
 logger = logging.getLogger(__name__)

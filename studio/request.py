@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.config import MAX_BATCH, FaceSelect, bounds, check_value
+from studio.errors import InputError
 from studio.types import FaceAdapterKind, PoseSource, Sampler
 
 MAX_SEED = 2**32 - 1
@@ -75,6 +76,28 @@ class GenerateRequest:
         for key in ("pose", "init_image"):
             values[key] = None if values.get(key) is None else Path(values[key])
         return cls(**values)
+
+
+def parse_pairs(items: list[str], option: str = "--var") -> dict[str, str]:
+    """``["age=30", ...]`` → ``{"age": "30"}`` (template variables)."""
+    pairs = {}
+    for item in items:
+        key, found, value = item.partition("=")
+        if not found or not key.strip():
+            raise InputError(f"{option} {item!r} is not KEY=VALUE.", fix=f"e.g. {option} age=30.")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def parse_lora(item: str, option: str = "--lora") -> tuple[str, float]:
+    """``NAME[:WEIGHT]`` → (name, weight); the weight defaults to 1.0."""
+    name, _, weight = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "1.0")
+    try:
+        return name.strip(), float(weight)
+    except ValueError as err:
+        raise InputError(
+            f"{option} {item!r}: weight {weight!r} is not a number.", fix=f"e.g. {option} film:0.7."
+        ) from err
 
 
 def _literal_of(hint: Any) -> Any:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from studio.batch.engine import LocalPool, Pool, Progress, RunSummary, run_items
 from studio.batch.manifest import Manifest, load_manifest
@@ -47,7 +47,7 @@ class ReportFiles:
     html: Path  # report/index.html, self-contained (opens offline)
 
 
-_IGNORED = ("output_dir", "explicit_keys")  # config keys that do not change what a campaign makes
+_IGNORED = ("output_dir", "web", "explicit_keys")  # config keys that do not change what a campaign makes
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,19 @@ class Campaign:
         known = {row.id for row in self.store.items()}
         return sum(item.id not in known for item in plan.items)
 
+    def summary(self, plan: Plan) -> dict[str, Any]:
+        """What ``plan`` makes: items, how many are new, drafts to render, per job and axis (JSON-ready)."""
+        counts = plan.counts()
+        return {
+            "campaign": self.manifest.name,
+            "items": len(plan.items),
+            "new_items": self.new_items(plan),
+            "drafts": plan.drafts,
+            "jobs": counts["jobs"],
+            "axes": counts["axes"],
+            "folder": str(self.folder),
+        }
+
     def submit(self, plan: Plan | None = None) -> int:
         """Add the plan's items to the store; returns how many are new (the same manifest twice adds none)."""
         return self.store.add_items((plan or self.plan()).items)
@@ -153,6 +166,10 @@ class Campaign:
     def status(self) -> Status:
         """Items per state, and every item."""
         return Status(self.manifest.name, self.folder, self.store.counts(), self.store.items())
+
+    def item_record(self, row: ItemRow) -> dict[str, Any]:
+        """One item with its output file and every attempt (JSON-ready: status --json, the HTTP API)."""
+        return item_record(self.store, self.folder, row)
 
     def retry(self, *, failed: bool = True, failed_qa: bool = False, items: Sequence[str] = ()) -> int:
         """Queue failed and blocked items again (``failed``), and those that failed QA with a new seed
@@ -253,3 +270,15 @@ class Campaign:
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
+
+
+def item_record(store: CampaignStore, folder: Path, row: ItemRow) -> dict[str, Any]:
+    """One item of the campaign in ``folder`` with its output file and every attempt (JSON-ready)."""
+    attempts = [
+        {"n": a.n, "seed": a.seed, "state": a.state, "error_class": a.error_class, "stage": a.stage,
+         "message": a.message, "qa": a.qa, "draft_rendered": a.draft_rendered}
+        for a in store.attempts(row.id)
+    ]  # fmt: skip
+    output = str(folder / row.output) if row.output else None
+    return {"id": row.id, "job": row.job, "state": row.state, "axes": dict(row.axes), "seed": row.seed,
+            "output": output, "qa": row.qa, "favourite": row.favourite, "attempts": attempts}  # fmt: skip

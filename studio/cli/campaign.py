@@ -57,24 +57,15 @@ def plan_command(
     """Check a manifest and print what a run would make (nothing is written)."""
     campaign = _open(manifest, profile, config_file, overrides, output_dir, debug, verbose)
     plan = campaign.plan()
-    counts = plan.counts()
-    summary = {
-        "campaign": campaign.manifest.name,
-        "items": len(plan.items),
-        "new_items": campaign.new_items(plan),
-        "drafts": plan.drafts,
-        "jobs": counts["jobs"],
-        "axes": counts["axes"],
-        "folder": str(campaign.folder),
-    }
+    summary = campaign.summary(plan)
     if as_json:
         print(json.dumps(summary, ensure_ascii=False))
         return
     out.print(f"campaign {escape(summary['campaign'])}: {summary['items']} items "
               f"({summary['new_items']} not yet in the store), {plan.drafts} drafts to render")  # fmt: skip
-    for job, count in counts["jobs"].items():
+    for job, count in summary["jobs"].items():
         out.print(f"  job {escape(job)}: {count} items")
-    for axis, count in counts["axes"].items():
+    for axis, count in summary["axes"].items():
         out.print(f"  axis {escape(axis)}: {count} values")
     out.print(f"folder {campaign.folder}", highlight=False)
 
@@ -120,7 +111,7 @@ def status_command(
         return
     status = campaign.status()
     if as_json:
-        items = [_item_json(campaign, row) for row in status.items]
+        items = [campaign.item_record(row) for row in status.items]
         print(
             json.dumps({"campaign": status.name, "counts": status.counts, "items": items}, ensure_ascii=False)
         )
@@ -253,17 +244,6 @@ def _finish(campaign: Any, counts: Mapping[str, int], as_json: bool, extra: Mapp
 
 def _counts_line(name: str, counts: Mapping[str, int]) -> str:
     return f"campaign {escape(name)}: " + ", ".join(f"{state} {n}" for state, n in counts.items())
-
-
-def _item_json(campaign: Any, row: Any) -> dict[str, Any]:
-    attempts = [
-        {"n": a.n, "seed": a.seed, "state": a.state, "error_class": a.error_class, "stage": a.stage,
-         "message": a.message, "qa": a.qa, "draft_rendered": a.draft_rendered}
-        for a in campaign.store.attempts(row.id)
-    ]  # fmt: skip
-    output = str(campaign.folder / row.output) if row.output else None
-    return {"id": row.id, "job": row.job, "state": row.state, "axes": dict(row.axes), "seed": row.seed,
-            "output": output, "qa": row.qa, "favourite": row.favourite, "attempts": attempts}  # fmt: skip
 
 
 class _progress:

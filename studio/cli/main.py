@@ -32,9 +32,10 @@ from studio.cli.common import (
 from studio.cli.library import identity_app, styles_app
 from studio.cli.models import config_app, models_app
 from studio.cli.provenance import audit_app, verify_command
+from studio.cli.web import web_command
 from studio.config import DraftConfig, limits
-from studio.errors import InputError, StudioError
-from studio.request import GenerateRequest
+from studio.errors import StudioError
+from studio.request import GenerateRequest, parse_lora, parse_pairs
 from studio.types import FaceAdapterKind, PoseSource, Sampler
 
 
@@ -154,7 +155,7 @@ def generate(
         prompt=prompt,
         negative=negative,
         style=style,
-        variables=_pairs(variables or [], "--var", "="),
+        variables=parse_pairs(variables or [], "--var"),
         seed=seed,
         count=count,
         batch_size=batch_size,
@@ -163,7 +164,7 @@ def generate(
         steps=steps,
         cfg=cfg,
         sampler=sampler,
-        loras=tuple(_lora(item) for item in loras or []),
+        loras=tuple(parse_lora(item) for item in loras or []),
         pose=pose,
         pose_source=pose_source,
         control_scale=control_scale,
@@ -234,26 +235,7 @@ def reproduce(
 
 
 app.command("verify")(verify_command)  # after generate, refine and reproduce in the command list
-
-
-def _pairs(items: list[str], option: str, sep: str) -> dict[str, str]:
-    pairs = {}
-    for item in items:
-        key, found, value = item.partition(sep)
-        if not found or not key:
-            raise InputError(f"{option} {item!r} is not KEY{sep}VALUE.", fix=f"e.g. {option} age{sep}30.")
-        pairs[key.strip()] = value.strip()
-    return pairs
-
-
-def _lora(item: str) -> tuple[str, float]:
-    name, _, weight = item.rpartition(":") if ":" in item else (item, "", "1.0")
-    try:
-        return name, float(weight)
-    except ValueError as err:
-        raise InputError(
-            f"--lora {item!r}: weight {weight!r} is not a number.", fix="e.g. --lora film:0.7."
-        ) from err
+app.command("web")(web_command)
 
 
 def main() -> None:

@@ -43,12 +43,9 @@ def models_list(
     colours = {"present": "green", "missing": "yellow", "corrupt": "red"}
     for entry in open_catalogue(config).values():
         result = check(entry, config.models)
-        note = str(result.path) if result.path else entry.source.describe()
-        if entry.fixture:
-            note += f"\nFIXTURE: {entry.fixture}"
         status = f"[{colours.get(result.status, 'white')}]{result.status}[/]"
         table.add_row(
-            entry.name, entry.kind, status, "yes" if entry.commercial else "no", entry.licence, note
+            entry.name, entry.kind, status, "yes" if entry.commercial else "no", entry.licence, result.note
         )
     out.print(table)
 

@@ -49,6 +49,12 @@ class ModelCheck:
     path: Path | None
     status: ModelStatus
 
+    @property
+    def note(self) -> str:
+        """Where it is (or where it comes from), and what a fixture stands in for."""
+        note = str(self.path) if self.path else self.entry.source.describe()
+        return note + (f"\nFIXTURE: {self.entry.fixture}" if self.entry.fixture else "")
+
 
 def own_path(entry: ModelEntry, models: ModelsConfig) -> Path:
     """Where the studio itself keeps (and pulls) this entry."""
