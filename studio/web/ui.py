@@ -198,18 +198,18 @@ def build_ui(service: WebStudio) -> gr.Blocks:
             replace: bool,
         ) -> tuple[Any, ...]:
             uploads = [Path(p) for p in photos or []]
-            try:
-                terms = ConsentTerms(
-                    record,
-                    scope_list(scope or "internal"),
-                    expires.strip() or None,
-                    Path(evidence) if evidence else None,
-                    granted_by.strip(),
-                )
-                report = service.enrol(name.strip(), uploads, terms, replace=replace)
-            finally:  # a person's photos and release are not kept in the upload folder
-                for path in [*uploads, *([Path(evidence)] if evidence else [])]:
-                    path.unlink(missing_ok=True)
+            terms = ConsentTerms(
+                record,
+                scope_list(scope or "internal"),
+                expires.strip() or None,
+                Path(evidence) if evidence else None,
+                granted_by.strip(),
+            )
+            report = service.enrol(name.strip(), uploads, terms, replace=replace)
+            # enrolled: the person's photos and release leave the upload folder now (after a refusal they
+            # stay for a corrected try, until Gradio's cache clean-up an hour later)
+            for path in [*uploads, *([Path(evidence)] if evidence else [])]:
+                path.unlink(missing_ok=True)
             lines = [f"enrolled **{report.identity.name}** from {len(report.used)} photo(s)"]
             lines += [f"- rejected {path.name}: {reason}" for path, reason in report.rejected]
             lines += [f"- warning: {warning}" for warning in report.warnings]
