@@ -9,6 +9,10 @@ no analytics, no server-side rendering process.
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import gradio as gr
 import uvicorn
@@ -53,3 +57,25 @@ def serve(service: WebStudio, host: str, port: int, auth: Credentials | None = N
     where = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     logger.warning("Portrait Studio web UI on %s (API: %sapi/docs)", where, where)
     uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False)
+
+
+@contextmanager
+def serving(service: WebStudio, auth: Credentials | None = None, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve in a background thread of this process on a free port (tests, benches, notebooks); yields the
+    base URL and stops the server on exit."""
+    check_bind(host, auth)
+    config = uvicorn.Config(create_app(service, auth), host=host, port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="studio-web", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the web studio did not start (see the log above)")
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{port}/"
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -1,24 +1,18 @@
-"""A real web studio (uvicorn on a free loopback port, in this process) on the tiny profile."""
+"""A real web studio (uvicorn on a free loopback port, in this process: ``serving``) on the tiny profile."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
 import pytest
-import uvicorn
 from skimage import data
 
 from studio.config import load_config
 from studio.imageio import write_image
-from studio.web.app import create_app
-from studio.web.security import Credentials
 from studio.web.service import WebStudio
 from tests.conftest import private_overrides
 
@@ -41,26 +35,6 @@ def web_overrides(kit: Path, work: Path, *extra: str) -> list[str]:
 def make_service(kit: Path, work: Path, *extra: str) -> WebStudio:
     overrides = web_overrides(kit, work, *extra)
     return WebStudio(load_config("tiny", overrides=overrides), profile="tiny", overrides=overrides)
-
-
-@contextmanager
-def serving(service: WebStudio, auth: Credentials | None = None) -> Iterator[str]:
-    """``create_app(service)`` served by uvicorn on a free port; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(create_app(service, auth), host="127.0.0.1", port=0,
-                                           log_level="warning", lifespan="on"))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the web studio did not start")
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def face_photo(path: Path, size: int = 256) -> Path:

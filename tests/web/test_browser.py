@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from studio.web.app import serving
 from studio.web.service import WebStudio
-from tests.web.conftest import FOUR_ITEMS, face_photo, make_service, serving
+from tests.web.conftest import FOUR_ITEMS, face_photo, make_service
 
 TIMEOUT_MS = 180_000  # a tiny render is seconds; a campaign starts a worker process
 

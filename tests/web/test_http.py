@@ -17,9 +17,10 @@ from PIL import Image
 
 from studio.errors import ConfigError, InputError
 from studio.request import GenerateRequest
+from studio.web.app import serving
 from studio.web.security import Credentials, check_bind, credentials, served_folder
 from studio.web.service import WebStudio
-from tests.web.conftest import FOUR_ITEMS, face_photo, make_service, serving
+from tests.web.conftest import FOUR_ITEMS, face_photo, make_service
 
 
 @pytest.fixture(scope="module")

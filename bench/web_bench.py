@@ -1,0 +1,89 @@
+"""A Generate round trip through the web studio against the same request through the Python API.
+
+    uv run python bench/web_bench.py [--repeats 5] [--threads 1]
+
+One process: a WebStudio on the tiny profile (64x64, 4 steps) served by uvicorn on a loopback port (the
+real app: ``create_app``, Gradio queue and all), and the same resident ``Studio`` called directly —
+``studio.generate(request)``, exactly what ``studio generate`` runs after start-up. Both write their PNG
+through the same output sink (watermark and C2PA off: the bench times the web layer, not the marks).
+  web:   gradio_client ``predict(..., api_name="/run_generate")``: HTTP upload of the inputs, the queue,
+         the handler, the result files copied into Gradio's cache, the answer back over SSE.
+  cli:   ``Studio.generate`` in this process (the CLI's own start-up, ~seconds of imports, is excluded).
+Order: A B B A per round (web, cli, cli, web, ...), medians; an A/A control times cli against cli.
+RESULT keys: web_ms, cli_ms, web_over_cli (median paired ratio), web_overhead_ms, aa_pct.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from _common import bench_args
+
+from studio.config import load_config
+from studio.models.tiny import make_tiny_kit
+from studio.request import GenerateRequest
+from studio.web.app import serving
+from studio.web.service import WebStudio
+
+PROMPT = "a lighthouse keeper, 70 years old"
+
+
+def main() -> None:
+    args = bench_args(__doc__)
+    logging.getLogger("studio").setLevel(logging.ERROR)
+    work = Path(tempfile.mkdtemp(prefix="web-bench-"))
+    kit = make_tiny_kit(work / "kit")
+    overrides = [
+        f"models.tiny_kit={str(kit)!r}", f"models.dir={str(work / 'models')!r}",
+        f"output_dir={str(work / 'out')!r}", f"refine.identities_dir={str(work / 'ids')!r}",
+        f"audit.log={str(work / 'audit.jsonl')!r}", f"provenance.data_dir={str(work / 'data')!r}",
+        "provenance.watermark=false", "provenance.c2pa=false", f"runtime.threads={args.threads}",
+    ]  # fmt: skip
+    service = WebStudio(load_config("tiny", overrides=overrides), profile="tiny", overrides=overrides)
+    request = GenerateRequest(PROMPT)
+    inputs = [PROMPT, "", "", "", "", None, "", "", "", "", "", 42, 1, None, "", "", 0]  # the Generate tab
+
+    from gradio_client import Client
+
+    with serving(service) as url:
+        client = Client(url, verbose=False)
+
+        def web() -> float:
+            start = time.perf_counter()
+            client.predict(*inputs, api_name="/run_generate")
+            return time.perf_counter() - start
+
+        def cli() -> float:
+            start = time.perf_counter()
+            service.studio.generate(request)
+            return time.perf_counter() - start
+
+        web(), cli()  # warm: models loaded, the queue and the client connected
+        webs, clis, ratios, aa = [], [], [], []
+        for _ in range(args.repeats):
+            a1, b1, b2, a2 = web(), cli(), cli(), web()
+            webs += [a1, a2]
+            clis += [b1, b2]
+            ratios.append((a1 + a2) / (b1 + b2))
+            aa.append(b2 / b1 - 1)
+    web_ms, cli_ms = statistics.median(webs) * 1e3, statistics.median(clis) * 1e3
+    ratio, aa_pct = statistics.median(ratios), statistics.median(aa) * 100
+    print(f"tiny profile (64x64, 4 steps), {args.threads} thread(s), {args.repeats} rounds (A B B A)")
+    print(f"web round trip (gradio_client -> queue -> Studio.generate -> files back): {web_ms:.0f} ms median")
+    print(f"same request through the Python API (what `studio generate` calls):    {cli_ms:.0f} ms median")
+    print(
+        f"web / cli: {ratio:.2f} (median paired ratio); web layer ≈ {web_ms - cli_ms:.0f} ms; "
+        f"A/A {aa_pct:+.1f} %"
+    )
+    print(
+        f"RESULT web_ms={web_ms:.0f} cli_ms={cli_ms:.0f} web_over_cli={ratio:.2f} "
+        f"web_overhead_ms={web_ms - cli_ms:.0f} aa_pct={aa_pct:.1f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
