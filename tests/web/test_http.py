@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,3 +227,32 @@ def test_the_api_schema_fuzzed_gives_no_server_error(service: WebStudio) -> None
         fuzz()
     assert not failures, failures[:3]
     assert {"POST /campaigns", "GET /campaigns/{name}/items", "GET /identities"} <= set(calls)
+
+
+# --- one queue slot per accelerator ------------------------------------------------------------------
+
+
+def test_jobs_queue_on_one_slot_per_accelerator(service: WebStudio, monkeypatch: pytest.MonkeyPatch) -> None:
+    from studio.web.ui import ACCELERATOR, build_ui
+
+    assert service.slots == 1  # a CPU-only machine: one slot
+    events = {fn.name: fn for fn in build_ui(service).fns.values()}
+    for name in ("run_generate", "run_reface", "find_faces", "enrol", "reproduce"):
+        assert (events[name].concurrency_id, events[name].concurrency_limit) == (ACCELERATOR, 1), name
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def render(*_: object, **__: object) -> None:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+
+    monkeypatch.setattr(service.studio, "generate", render)
+    users = [threading.Thread(target=service.generate, args=(GenerateRequest("x"),)) for _ in range(3)]
+    for user in users:
+        user.start()
+    for user in users:
+        user.join()
+    assert peak[0] == 1  # three users, one at a time on the accelerator
