@@ -104,12 +104,12 @@ class ModelsConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Device, precision and ONNX Runtime execution providers."""
+    """Device, precision, ONNX Runtime execution providers and CPU threads."""
 
     device: Device = "auto"
     dtype: DType = "auto"
     onnx_providers: OnnxProviders = "auto"
-    threads: int = field(default=0, metadata=bounds(0, 1024))  # ONNX Runtime intra-op threads; 0: its default
+    threads: int = field(default=0, metadata=bounds(0, 1024))  # torch, OpenCV, ORT; 0: physical cores
 
     def __post_init__(self) -> None:
         check_fields(self, "runtime.")

@@ -44,6 +44,7 @@ from studio.models import open_catalogue
 from studio.models.cache import ModelCache
 from studio.models.catalogue import Catalogue
 from studio.models.resolve import ResolvedModel, resolve
+from studio.models.runtime import apply_threads
 from studio.output import OutputSink
 from studio.prepare import build_draft_request
 from studio.provenance import MARKING_OFF_NOTE, Provenance
@@ -102,6 +103,7 @@ class Studio:
         content_check: ContentCheck | None = None,
     ) -> None:
         self.config = config
+        self.threads = apply_threads(config.runtime.threads)  # torch and OpenCV; ONNX Runtime per session
         self.cache = cache or ModelCache()
         self.catalogue: Catalogue = open_catalogue(config)
         # the content check safety.* asks for (none: a placeholder that passes, and says so in the notes)
@@ -434,7 +436,7 @@ class Studio:
             profile=self.config.profile,
             models=models,
             refine=record,
-            environment=environment(self.config.runtime.device),
+            environment=environment(self.config.runtime.device, self.threads),
             notes=self._notes(refining=True),
         )
 
@@ -459,7 +461,7 @@ class Studio:
             models=models,
             profile=self.config.profile,
             draft=record,
-            environment=environment(device),
+            environment=environment(device, self.threads),
             notes=self._notes(refining=self.refines(request)),
         )
 

@@ -252,9 +252,9 @@ def recipe_from_image(data: Mapping[str, Any] | None, path: Path) -> Recipe:
     return Recipe.from_dict(data, str(path))
 
 
-def environment(device: str) -> dict[str, str]:
-    """Library versions and the device: what can change pixels when nothing else did."""
-    return {"studio": __version__, **_library_versions(), "device": device}
+def environment(device: str, threads: int) -> dict[str, str]:
+    """Library versions, the device and the CPU threads: what can change pixels when nothing else did."""
+    return {"studio": __version__, **_library_versions(), "device": device, "threads": str(threads)}
 
 
 @functools.cache

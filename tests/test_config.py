@@ -24,7 +24,12 @@ def test_default_and_tiny_profiles_load() -> None:
     assert default.draft.model == "sd15" and default.models.tiny_kit is None
     assert tiny.draft.model == "tiny-sd15" and tiny.models.tiny_kit is not None
     assert tiny.draft.width == 64 and tiny.profile == "tiny"
-    assert tiny.runtime == default.runtime  # tiny inherits what it does not set
+    assert tiny.refine.mask == default.refine.mask  # tiny inherits what it does not set
+    assert (tiny.runtime.device, tiny.runtime.threads, default.runtime.threads) == (
+        default.runtime.device,
+        1,
+        0,
+    )
 
 
 def test_overrides_are_typed_and_win() -> None:

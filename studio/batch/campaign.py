@@ -29,6 +29,7 @@ from studio.batch.plan import Plan, plan_campaign
 from studio.batch.store import FINISHED, CampaignStore, ItemRow
 from studio.config import StudioConfig, config_to_dict, load_config
 from studio.errors import InputError
+from studio.models.runtime import resolve_threads
 from studio.provenance import Provenance
 
 logger = logging.getLogger(__name__)
@@ -223,10 +224,12 @@ class Campaign:
         if engine == "ray":
             from studio.batch.ray_engine import RayPool
 
+            # a Ray actor holds one CPU: one thread each (a cluster's cores are Ray's to share out)
             return RayPool(record, size=workers, address=address)
         if address is not None:
             raise InputError("--address is for --engine ray.", fix="add --engine ray or drop --address.")
-        return LocalPool(record, size=workers)
+        threads = max(1, resolve_threads(self.config.runtime.threads) // workers)  # the cores, shared out
+        return LocalPool(record, size=workers, threads=threads)
 
     def _check_same_config(self) -> None:
         """A campaign's items are keyed by its config: a different one would mix two campaigns."""

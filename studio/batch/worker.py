@@ -53,11 +53,12 @@ class Worker:
     """A resident Studio built from a config record; ``run`` never raises for an item's own problems."""
 
     def __init__(self, config: Mapping[str, Any], threads: int = 1) -> None:
-        _limit_threads(threads)
         from studio.config import config_from_dict
         from studio.pipeline import Studio
 
-        runtime = {**config.get("runtime", {}), "threads": threads}  # ONNX Runtime sessions too
+        # its share of the cores (torch, OpenCV, ONNX Runtime: the Studio applies runtime.threads), so N
+        # workers share the machine without oversubscription
+        runtime = {**config.get("runtime", {}), "threads": threads}
         self.studio = Studio(config_from_dict({**config, "runtime": runtime}))
 
     def run(self, task: Task) -> Outcome:
@@ -124,13 +125,3 @@ def _error(task: Task, state: Literal["failed", "blocked"], err: Exception, stag
     return Outcome(
         task.item, task.attempt, state, error_class=type(err).__name__, stage=stage, message=message
     )
-
-
-def _limit_threads(threads: int) -> None:
-    """One thread per worker by default (torch, OpenCV; ONNX Runtime through runtime.threads): N workers
-    share the cores without oversubscription, and results do not depend on a machine's core count."""
-    import cv2
-    import torch
-
-    torch.set_num_threads(threads)
-    cv2.setNumThreads(threads)

@@ -1,8 +1,9 @@
 """Prompt text → diffusers conditioning with compel: A1111 weights, BREAK, long prompts.
 
-``encode_prompts`` feeds the fragments of ``studio.prompts.parse_prompt`` to compel's ``EmbeddingsProvider``
-(never through compel's own syntax), encodes every ``BREAK`` segment in its own 77-token windows, and pads
-positives, negatives and every row of the batch to one length with the empty-prompt window, as A1111 does.
+``PromptEncoder`` (one per base model, with its caches; ``encode_prompts`` for a one-off) feeds the
+fragments of ``studio.prompts.parse_prompt`` to compel's ``EmbeddingsProvider`` (never through compel's own
+syntax), encodes every ``BREAK`` segment in its own 77-token windows, and pads positives, negatives and every
+row of the batch to one length with the empty-prompt window, as A1111 does.
 
 Weighting numerics are compel's, not A1111's: a token weighted ``w >= 1`` becomes
 ``empty + w * (z - empty)`` at its own position, with no mean restoration afterwards; a token weighted
@@ -13,7 +14,8 @@ Weighting numerics are compel's, not A1111's: a token weighted ``w >= 1`` become
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,27 +71,93 @@ class _A1111WindowProvider(EmbeddingsProvider):
 def encode_prompts(
     pipe: DiffusionPipeline, prompts: Sequence[str], negatives: Sequence[str]
 ) -> PromptEmbeddings:
-    """Encode one prompt and one negative per image into diffusers ``prompt_embeds`` arguments."""
-    # 1. check inputs; one negative may serve the whole batch
-    negatives = _normalize_batch(prompts, negatives)
-    parsed = [parse_prompt(text) for text in [*prompts, *negatives]]
-    # 2. one compel provider per CLIP text encoder
-    providers, pooled_provider, dtype = _prepare_providers(pipe)
-    device = pipe._execution_device  # follows accelerate offload hooks, unlike pipe.device
-    # 3. every row: BREAK segments in their own windows, then all rows padded to one length
-    with torch.no_grad():
-        rows = [_forward_segments(providers, segments, device) for segments in parsed]  # [1, 77*k_i, C] each
-        window = torch.cat([p.empty_z.to(device) for p in providers], dim=-1)  # [1, 77, C]
-        embeds = _pad_rows(rows, window).to(device=device, dtype=dtype)  # [2B, 77*k, C]
-        pooled = _forward_pooled(pooled_provider, parsed, device, dtype)  # [2B, P] | None
-    batch = len(prompts)
-    logger.debug("encoded %d prompts + negatives to %s", batch, tuple(embeds.shape))
-    return PromptEmbeddings(
-        prompt_embeds=embeds[:batch],
-        negative_prompt_embeds=embeds[batch:],
-        pooled_prompt_embeds=None if pooled is None else pooled[:batch],
-        negative_pooled_prompt_embeds=None if pooled is None else pooled[batch:],
-    )
+    """Encode one prompt and one negative per image into diffusers ``prompt_embeds`` arguments (one-off:
+    a ``DraftPipeline`` keeps a ``PromptEncoder``, whose caches make repeated prompts free)."""
+    return PromptEncoder().encode(pipe, prompts, negatives)
+
+
+@dataclass(frozen=True)
+class _Providers:
+    """compel providers of one pipeline's text encoders, and where and in what dtype they run."""
+
+    rows: list[EmbeddingsProvider]
+    pooled: EmbeddingsProvider | None
+    dtype: torch.dtype
+    device: torch.device
+
+
+class PromptEncoder:
+    """Prompt encoding for one base model: compel providers built once per text-encoder set, and each
+    distinct text encoded once per text-encoder state (LRU).
+
+    ``state`` names what else changes the text encoders' output: the active LoRA set and weights (a LoRA may
+    patch the text encoder). Each text is encoded alone, so a row's embedding does not depend on the batch it
+    is in: cached, batched and one-off encodings are the same tensors.
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        self._providers: dict[tuple[int, ...], _Providers] = {}
+        self._rows: OrderedDict[tuple[Hashable, str], tuple[torch.Tensor, torch.Tensor | None]] = (
+            OrderedDict()
+        )
+        self._capacity = capacity
+
+    def encode(
+        self,
+        pipe: DiffusionPipeline,
+        prompts: Sequence[str],
+        negatives: Sequence[str],
+        state: Hashable = (),
+    ) -> PromptEmbeddings:
+        """One prompt and one negative per image → diffusers ``prompt_embeds`` arguments."""
+        # 1. check inputs; one negative may serve the whole batch
+        negatives = _normalize_batch(prompts, negatives)
+        texts = [*prompts, *negatives]
+        # 2. each distinct text once (cached per text-encoder state), then every row of the batch
+        providers = self._providers_for(pipe)
+        encoded = {text: self._row(providers, text, state) for text in dict.fromkeys(texts)}
+        with torch.no_grad():
+            window = torch.cat([p.empty_z.to(providers.device) for p in providers.rows], dim=-1)  # [1, 77, C]
+            embeds = _pad_rows([encoded[t][0] for t in texts], window)  # [2B, 77*k, C]
+            embeds = embeds.to(device=providers.device, dtype=providers.dtype)
+            pooled = None
+            if providers.pooled is not None:
+                pooled = torch.cat([encoded[t][1] for t in texts], dim=0)  # type: ignore[misc]  # [2B, P]
+        batch = len(prompts)
+        logger.debug(
+            "encoded %d prompts + negatives (%d distinct) to %s", batch, len(encoded), tuple(embeds.shape)
+        )
+        return PromptEmbeddings(
+            prompt_embeds=embeds[:batch],
+            negative_prompt_embeds=embeds[batch:],
+            pooled_prompt_embeds=None if pooled is None else pooled[:batch],
+            negative_pooled_prompt_embeds=None if pooled is None else pooled[batch:],
+        )
+
+    def _providers_for(self, pipe: DiffusionPipeline) -> _Providers:
+        """The providers of ``pipe``'s text encoders (pipeline variants share them, and so the entry)."""
+        parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+        key = tuple(id(getattr(pipe, name, None)) for name in parts)
+        if key not in self._providers:
+            self._providers[key] = _prepare_providers(pipe)
+        return self._providers[key]
+
+    def _row(
+        self, providers: _Providers, text: str, state: Hashable
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``text``'s ``[1, 77*k, C]`` embedding (and SDXL ``[1, P]`` pooled), from the cache when known."""
+        key = (state, text)
+        if key in self._rows:
+            self._rows.move_to_end(key)
+            return self._rows[key]
+        parsed = parse_prompt(text)
+        with torch.no_grad():
+            row = _forward_segments(providers.rows, parsed, providers.device)
+            pooled = _forward_pooled(providers.pooled, [parsed], providers.device, providers.dtype)
+        self._rows[key] = (row, pooled)
+        while len(self._rows) > self._capacity:
+            self._rows.popitem(last=False)
+        return row, pooled
 
 
 def _normalize_batch(prompts: Sequence[str], negatives: Sequence[str]) -> list[str]:
@@ -115,26 +183,25 @@ def _normalize_batch(prompts: Sequence[str], negatives: Sequence[str]) -> list[s
     return list(negatives)
 
 
-def _prepare_providers(
-    pipe: DiffusionPipeline,
-) -> tuple[list[EmbeddingsProvider], EmbeddingsProvider | None, torch.dtype]:
+def _prepare_providers(pipe: DiffusionPipeline) -> _Providers:
     """Providers for SD 1.5/2.x (one encoder) or SDXL (both, penultimate, pooled from the second)."""
     first = (getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None))
     second = (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))
+    if (first[0] is None or first[1] is None) and (second[0] is None or second[1] is None):
+        raise ModelError(
+            f"{type(pipe).__name__} has no CLIP tokenizer/text_encoder pair; expected an SD 1.5/2.x "
+            "(tokenizer, text_encoder) or SDXL (plus tokenizer_2, text_encoder_2) pipeline.",
+            fix="load a Stable Diffusion 1.5 or SDXL base model.",
+        )
+    device = pipe._execution_device  # follows accelerate offload hooks, unlike pipe.device (read once)
     if second[0] is not None and second[1] is not None:
         # SDXL, as compel's CompelForSDXL: penultimate hidden states, not layer-normed, side by side
         kind = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
         pairs = [pair for pair in (first, second) if pair[0] is not None and pair[1] is not None]
-        providers = [_make_provider(tok, enc, kind, pipe._execution_device) for tok, enc in pairs]
-        return providers, providers[-1], second[1].dtype
-    if first[0] is not None and first[1] is not None:
-        kind = ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED
-        return [_make_provider(first[0], first[1], kind, pipe._execution_device)], None, first[1].dtype
-    raise ModelError(
-        f"{type(pipe).__name__} has no CLIP tokenizer/text_encoder pair; expected an SD 1.5/2.x "
-        "(tokenizer, text_encoder) or SDXL (plus tokenizer_2, text_encoder_2) pipeline.",
-        fix="load a Stable Diffusion 1.5 or SDXL base model.",
-    )
+        providers = [_make_provider(tok, enc, kind, device) for tok, enc in pairs]
+        return _Providers(providers, providers[-1], second[1].dtype, device)
+    kind = ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED
+    return _Providers([_make_provider(first[0], first[1], kind, device)], None, first[1].dtype, device)
 
 
 def _make_provider(

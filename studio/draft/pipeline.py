@@ -20,7 +20,7 @@ from PIL import Image
 from studio.compat import quiet_model_libraries
 from studio.config import StudioConfig
 from studio.draft.base import BaseModel
-from studio.draft.embeds import encode_prompts
+from studio.draft.embeds import PromptEncoder
 from studio.draft.face import FaceState, face_call_kwargs, prepare_face
 from studio.draft.load import Variant, load_base, load_variant
 from studio.draft.loras import apply_loras, unload_all
@@ -47,6 +47,7 @@ class DraftPipeline:
         self._variants: dict[tuple[Variant, str | None], Any] = {}
         self._loras: OrderedDict[str, None] = OrderedDict()  # resident peft adapters, least recent first
         self._face = FaceState()
+        self._prompts = PromptEncoder()  # compel providers and each distinct prompt's embedding, cached
 
     def render(
         self, request: DraftRequest, progress: Progress | None = None
@@ -64,6 +65,7 @@ class DraftPipeline:
                 pipe = self._configure(request)
                 images = _forward_batch(
                     pipe,
+                    self._prompts,
                     request,
                     seeds,
                     self._face_kwargs(pipe, request, len(seeds)),
@@ -133,10 +135,16 @@ def _step_callback(progress: Progress | None, done: int, total: int) -> dict[str
 
 
 def _forward_batch(
-    pipe: Any, request: DraftRequest, seeds: tuple[int, ...], face: dict[str, Any], callback: dict[str, Any]
+    pipe: Any,
+    prompts: PromptEncoder,
+    request: DraftRequest,
+    seeds: tuple[int, ...],
+    face: dict[str, Any],
+    callback: dict[str, Any],
 ) -> list[Image.Image]:
     n = len(seeds)
-    embeds = encode_prompts(pipe, [request.prompt] * n, [request.negative] * n)
+    loras = tuple((model.sha256, weight) for model, weight in request.loras)  # may patch the text encoder
+    embeds = prompts.encode(pipe, [request.prompt] * n, [request.negative] * n, state=loras)
     kwargs: dict[str, Any] = {
         **embeds.as_pipeline_kwargs(),
         "num_inference_steps": request.steps,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,14 +101,43 @@ def check_session_providers(session: Any, requested: Sequence[str], model: Path)
     return active
 
 
+def physical_cores() -> int:
+    """Physical cores this process may run on (SMT siblings counted once; the CPU affinity respected)."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            cores.add(siblings.read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def resolve_threads(threads: int) -> int:
+    """``runtime.threads``: the number given, or (0) one per physical core."""
+    return threads if threads > 0 else physical_cores()
+
+
+def apply_threads(threads: int) -> int:
+    """Set torch's and OpenCV's intra-op threads to ``runtime.threads`` (resolved); returns the number."""
+    import cv2
+    import torch
+
+    count = resolve_threads(threads)
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    cv2.setNumThreads(count)
+    return count
+
+
 def session_options(threads: int = 0) -> ort.SessionOptions:
-    """ORT session options: ``threads`` intra-op threads (0: ORT's default, one per core)."""
+    """ORT session options: ``runtime.threads`` intra-op threads (0: one per physical core), one inter-op."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+    options.intra_op_num_threads = resolve_threads(threads)
+    options.inter_op_num_threads = 1
     return options
 
 
