@@ -179,10 +179,10 @@ def generate(
         adapter=adapter,
         adapter_scale=adapter_scale,
     )
-    studio, setup_s = make_studio(profile, config_file, overrides, output_dir, debug, verbose)
+    studio, startup_s = make_studio(profile, config_file, overrides, output_dir, debug, verbose)
     with step_progress(enabled=not as_json) as progress:
         result = studio.generate(request, progress, max_rerolls=max_rerolls)
-    report(result, setup_s, as_json=as_json)
+    report(result, startup_s, as_json=as_json)
 
 
 @app.command("refine")
@@ -202,8 +202,8 @@ def refine_command(
 ) -> None:
     """Swap faces in existing images to enrolled identities (detect, swap, upscale, blend, QA)."""
     request = GenerateRequest(prompt="", identity=identity, select=select, face_index=face_index, match=match)
-    studio, setup_s = make_studio(profile, config_file, overrides, output_dir, debug, verbose)
-    report(studio.refine_files(images, request), setup_s, as_json=as_json)
+    studio, startup_s = make_studio(profile, config_file, overrides, output_dir, debug, verbose)
+    report(studio.refine_files(images, request), startup_s, as_json=as_json)
 
 
 @app.command()
@@ -222,10 +222,10 @@ def reproduce(
     as_json: Json = False,
 ) -> None:
     """Render an image again from its recipe, under the recipe's config; says whether pixels are identical."""
-    studio, setup_s = make_studio(profile, config_file, overrides, output_dir, debug, verbose)
+    studio, startup_s = make_studio(profile, config_file, overrides, output_dir, debug, verbose)
     again = studio.reproduce(image, use_current_config=current_config)
     extra = {"identical": again.identical, "differences": list(again.differences)}
-    report(again.result, setup_s, as_json=as_json, extra=extra)
+    report(again.result, startup_s, as_json=as_json, extra=extra)
     if not as_json:
         out.print(f"identical to {image}: {'yes' if again.identical else 'NO'}")
         for difference in again.differences:
