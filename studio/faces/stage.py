@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from studio.adapter.tokens import FaceTokenEncoder
-from studio.config import RefineConfig, StudioConfig
+from studio.config import DetectConfig, RefineConfig, StudioConfig
 from studio.errors import ModelError
 from studio.faces.detect import detect_faces, embed_faces
 from studio.faces.quality import FaceQA, SwapEmbeddings, assess
@@ -27,9 +30,12 @@ from studio.models.cache import ModelCache
 from studio.models.catalogue import Catalogue
 from studio.models.resolve import ResolvedModel, resolve
 from studio.models.runtime import choose_device, load_insightface_model, onnx_providers
-from studio.types import Identity, ImageBGR, ModelKind
+from studio.types import Face, Identity, ImageBGR, ModelKind
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ANALYSED_PICTURES = 16  # pictures whose faces and embeddings are kept for the next refine of the same pixels
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,8 +143,7 @@ def refine(
     timings: dict[str, float] = {}
     # 1. detect, in a stable left-to-right order, and embed the original faces (selection and QA baseline)
     start = time.perf_counter()
-    faces = detect_faces(image, models.detector, settings.detect)
-    before = embed_faces(image, faces, models.recognizer)  # (N, 512) L2-normed
+    faces, before = analyse_faces(image, models, settings.detect, cache)  # before: (N, 512) L2-normed
     timings["detect"] = _ms(start)
     # 2. map identities onto faces; an image the mapping does not fit is left untouched
     reference = identities[cast.match] if cast.match else None
@@ -176,6 +181,43 @@ def refine(
     status = "ok" if all(q.passed for q in qa) else "failed_qa"
     message = assignment.message if status == "ok" else f"{assignment.message}; QA failed"
     return RefineResult(canvas, status, message, len(faces), qa, tuple(upscaled), timings)
+
+
+def analyse_faces(
+    image: ImageBGR, models: FaceModels, settings: DetectConfig, cache: ModelCache
+) -> tuple[tuple[Face, ...], npt.NDArray[np.float32]]:
+    """The faces in ``image`` and their embeddings, computed once per picture: every identity and slot map
+    applied to one draft shares them (a small LRU of recent pictures, keyed by their pixels)."""
+    digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest()
+    key = (digest, image.shape, id(models.detector), models.recognizer_sha256, settings)
+    recent = cache.get(("face-analyses",), lambda: _Recent(ANALYSED_PICTURES))
+    found = recent.get(key)
+    if found is None:
+        faces = detect_faces(image, models.detector, settings)
+        found = recent.put(key, (faces, embed_faces(image, faces, models.recognizer)))
+    return found
+
+
+class _Recent:
+    """A thread-safe LRU of the last ``capacity`` values."""
+
+    def __init__(self, capacity: int) -> None:
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+            return self._items.get(key)
+
+    def put(self, key: Hashable, value: T) -> T:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+        return value
 
 
 def _identity_key(identity: Identity) -> str:
