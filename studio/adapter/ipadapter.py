@@ -26,12 +26,14 @@ import pickle
 import re
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 from diffusers.utils import USE_PEFT_BACKEND
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -243,6 +245,40 @@ def unload_faceid(pipe: Any) -> None:
             pipe.unet.delete_adapters(FACEID_LORA)
         # peft activates some other adapter when the deleted one was the only active one: undo that
         _set_active(pipe, {name: [a for a in names if a != FACEID_LORA] for name, names in active.items()})
+
+
+@dataclass(eq=False)
+class ParkedFaceID:
+    """An attached FaceID taken out of the UNet's forward with its weights kept (see ``park_faceid``)."""
+
+    processors: dict[str, Any]  # every attention processor as it was, the IP ones with their weights
+    projection: Any  # the UNet's image projection (``encoder_hid_proj``)
+
+
+def park_faceid(pipe: Any) -> ParkedFaceID | None:
+    """Make the UNet the base model again without discarding FaceID: plain attention processors where the
+    IP ones were, no image projection. Its LoRA stays resident, inactive unless a request activates it.
+    ``restore_faceid`` puts it back in microseconds where a reload takes seconds. None: nothing attached."""
+    if not faceid_loaded(pipe):
+        return None
+    unet = pipe.unet
+    parked = ParkedFaceID(dict(unet.attn_processors), unet.encoder_hid_proj)
+    plain = {name: AttnProcessor2_0() if isinstance(processor, IPAdapterAttnProcessor2_0) else processor
+             for name, processor in parked.processors.items()}  # fmt: skip
+    unet.set_attn_processor(plain)
+    unet.encoder_hid_proj = None  # as diffusers' unload_ip_adapter leaves it
+    unet.config.encoder_hid_dim_type = None
+    return parked
+
+
+def restore_faceid(pipe: Any, parked: ParkedFaceID, *, scale: float) -> None:
+    """Put a parked FaceID back on the UNet it was parked from, at ``scale``."""
+    _check_scale(scale)
+    unet = pipe.unet
+    unet.set_attn_processor(dict(parked.processors))
+    unet.encoder_hid_proj = parked.projection
+    unet.config.encoder_hid_dim_type = "ip_image_proj"
+    set_faceid_scale(pipe, scale)
 
 
 def faceid_loaded(pipe: Any) -> bool:

@@ -1,8 +1,9 @@
 """Identity-conditioned drafts: the FACT adapter or IP-Adapter-FaceID on the draft pipeline.
 
 FACT's fusers stay attached to the UNet between requests (they only run when a request passes face
-context, so other requests get exactly the base model); FaceID is loaded when a request asks for it and
-unloaded otherwise, because its IP branch needs image embeddings on every call.
+context, so other requests get exactly the base model). FaceID's IP branch would need image embeddings on
+every call, so a request without it *parks* FaceID (plain attention processors, no image projection, its
+LoRA inactive: exactly the base model) and the next FaceID request restores it without a reload.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from typing import Any
 
 from studio.adapter import FaceAdapter, attach
 from studio.adapter.ipadapter import (
+    ParkedFaceID,
     ensure_converted,
     faceid_adapter_weights,
     faceid_embeds,
     faceid_loaded,
     load_faceid,
+    park_faceid,
+    restore_faceid,
     set_faceid_scale,
-    unload_faceid,
 )
 from studio.adapter.tokens import identity_condition
 from studio.adapter.weights import load_adapter
@@ -36,7 +39,8 @@ class FaceState:
 
     fact: FaceAdapter | None = None  # the FACT adapter whose fusers are attached
     fact_loaded: dict[str, FaceAdapter] = field(default_factory=dict)  # by weights sha256
-    faceid: str | None = None  # weights sha256 of the attached IP-Adapter-FaceID
+    faceid: str | None = None  # weights sha256 of the attached (or parked) IP-Adapter-FaceID
+    parked: ParkedFaceID | None = None  # FaceID taken out of the forward by a request without it
     faceid_converted: dict[str, Path] = field(default_factory=dict)  # source sha256 -> safetensors
 
 
@@ -44,9 +48,8 @@ def prepare_face(
     pipe: Any, face: FaceCondition | None, family: str, state: FaceState, config: StudioConfig
 ) -> dict[str, float]:
     """Put ``pipe`` in the state ``face`` needs; returns peft adapters to keep active beside the LoRAs."""
-    if face is None or face.kind == "fact":
-        unload_faceid(pipe)  # a FaceID branch left from an earlier request would demand image embeds
-        state.faceid = None
+    if (face is None or face.kind == "fact") and faceid_loaded(pipe):
+        state.parked = park_faceid(pipe)  # its IP branch would demand image embeds; its weights stay
     if face is None:
         return {}
     if face.kind == "fact":
@@ -66,9 +69,13 @@ def prepare_face(
         state.faceid_converted[face.weights_sha256] = ensure_converted(
             face.weights, config.models.dir / "converted"
         )
-    if faceid_loaded(pipe) and state.faceid == face.weights_sha256:
+    if state.faceid == face.weights_sha256 and state.parked is not None:
+        restore_faceid(pipe, state.parked, scale=face.scale)  # no reload
+        state.parked = None
+    elif state.faceid == face.weights_sha256 and faceid_loaded(pipe):
         set_faceid_scale(pipe, face.scale)
     else:
+        state.parked = None  # another file (or none yet): load_faceid replaces whatever was there
         load_faceid(pipe, state.faceid_converted[face.weights_sha256], scale=face.scale)
         state.faceid = face.weights_sha256
     return faceid_adapter_weights(pipe)

@@ -54,7 +54,7 @@ def apply_loras(
     if active:
         pipe.enable_lora()
         pipe.set_adapters(list(active), adapter_weights=list(active.values()))
-    elif resident:
+    elif resident or getattr(pipe.unet, "peft_config", None):  # e.g. a parked FaceID's LoRA: inactive
         pipe.disable_lora()
 
 

@@ -89,7 +89,7 @@ class DraftPipeline:
         with self._lock:
             unload_all(self._pipe)
             self._loras.clear()
-            self._face.faceid = None
+            self._face.faceid, self._face.parked = None, None
 
     def _configure(self, request: DraftRequest) -> Any:
         """The pipeline variant for ``request`` with its scheduler, face adapter, LoRAs and VAE tiling."""

@@ -84,3 +84,21 @@ def test_adapter_requests_are_checked(studio: Studio, tmp_path: Path) -> None:
     sdxl = Studio(replace(studio.config, draft=replace(studio.config.draft, model="tiny-sdxl")))
     with pytest.raises(AdapterError, match="sd15"):
         sdxl.generate(GenerateRequest(prompt="x", identity="anna", adapter="fact", **FAST))
+
+
+def test_faceid_stays_loaded_across_alternating_requests(
+    studio: Studio, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import studio.draft.face as face
+
+    faceid = {"identity": "anna", "adapter": "ipadapter-faceid", "adapter_scale": 1.0}
+    first, base = _pixels(studio, **faceid), _pixels(studio)
+    fact = _pixels(studio, identity="anna", adapter="fact", adapter_scale=1.0)
+    loads: list[object] = []
+    monkeypatch.setattr(face, "load_faceid", lambda *a, **k: loads.append(a))  # a reload would be caught
+    for _ in range(2):  # FaceID, base, FACT, FaceID ...: the same pixels each time, and no reload
+        assert np.array_equal(_pixels(studio, **faceid), first)
+        assert np.array_equal(_pixels(studio), base)
+        assert np.array_equal(_pixels(studio, identity="anna", adapter="fact", adapter_scale=1.0), fact)
+    assert not np.array_equal(_pixels(studio, **{**faceid, "adapter_scale": 0.5}), first)  # scale applies
+    assert loads == []
