@@ -1,0 +1,131 @@
+"""How the refine stage scales: identities per draft, and faces per picture (tiny kit, one process).
+
+    uv run python bench/refine_scaling_bench.py [--repeats 6] [--threads 1]
+
+(a) K identities on one draft: a fresh tiny draft (64x64) refined to 1 identity, against a fresh draft
+    refined to 8 identities one after another (``Studio.refine`` K times, as a campaign's items that share a
+    draft do). Faces and their embeddings are computed once per picture and shared by every later refine
+    of the same pixels; what each further identity costs is its swap, blend, QA embedding and recipe.
+    Target (issue "Performance"): K=8 <= 2.0x K=1.
+(b) N faces in one picture: ``faces.refine`` with select="all" on a 1024x512 picture holding 1 or 8 faces.
+    The tiny detector is a fixture that always reports exactly one face, so this part replaces it with a
+    stand-in that reports N faces on a grid (its own cost is nil): the ratio covers everything after
+    detection (the faces' embeddings in one batch, N swaps — inswapper's graph has a fixed batch of 1 —,
+    N blends, the QA embeddings in one batch). Target: 8 faces <= 4x one face.
+Both with upscaling off (refine.upscale = "off"), order A B B A per round, medians, and an A/A control
+(the reference against itself). RESULT keys: k8_over_k1, faces8_over_faces1, aa_pct.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+from _common import bench_args
+from skimage import data
+
+import studio.faces.stage as stage
+from studio.config import load_config
+from studio.faces.select import Cast
+from studio.imageio import write_image
+from studio.models.tiny import make_tiny_kit
+from studio.pipeline import Studio
+from studio.request import GenerateRequest
+from studio.types import Face
+
+NAMES = [f"p{i}" for i in range(8)]
+
+
+def abba(a: Callable[[], float], b: Callable[[], float], rounds: int) -> tuple[float, float, float]:
+    """Medians of a and b over A B B A rounds, and the A/A control (second a against first a) in %."""
+    a_times, b_times, aa = [], [], []
+    for _ in range(rounds):
+        a1, b1, b2, a2 = a(), b(), b(), a()
+        a_times += [a1, a2]
+        b_times += [b1, b2]
+        aa.append(a2 / a1 - 1)
+    return statistics.median(a_times), statistics.median(b_times), statistics.median(aa) * 100
+
+
+def grid_faces(count: int) -> tuple[Face, ...]:
+    """``count`` faces on a 4-wide grid of 256 px cells, each shaped like the tiny fixture face."""
+    faces = []
+    for i in range(count):
+        x, y = (i % 4) * 256.0, (i // 4) * 256.0
+        points = [(0.42, 0.40), (0.58, 0.40), (0.50, 0.50), (0.435, 0.60), (0.565, 0.60)]
+        landmarks = np.array([[x + 256 * px, y + 256 * py] for px, py in points], np.float32)
+        faces.append(Face(box=(x + 77, y + 56, x + 179, y + 184), landmarks=landmarks, score=0.99))
+    return tuple(faces)
+
+
+def main() -> None:
+    args = bench_args(__doc__)
+    work = Path(tempfile.mkdtemp(prefix="refine-scaling-"))
+    kit = make_tiny_kit(work / "kit")
+    overrides = [
+        f"models.tiny_kit={str(kit)!r}", f"models.dir={str(work / 'models')!r}",
+        f"output_dir={str(work / 'out')!r}", f"refine.identities_dir={str(work / 'ids')!r}",
+        f"audit.log={str(work / 'audit.jsonl')!r}", f"provenance.data_dir={str(work / 'data')!r}",
+        "refine.upscale='off'", f"runtime.threads={args.threads}",
+    ]  # fmt: skip
+    studio = Studio(load_config("tiny", overrides=overrides))
+    photo = work / "photo.png"
+    write_image(photo, cv2.resize(data.astronaut()[:, :, ::-1], (256, 256)))
+    for name in NAMES:
+        studio.enrol(name, [photo], consent="bench fixture")
+
+    # (a) identities per draft: every timing gets a draft whose faces were never analysed
+    drafts = iter(studio.draft(GenerateRequest("a lighthouse keeper", count=8 * args.repeats + 4)))
+    studio.refine(next(drafts), NAMES[0])  # warm: models loaded
+
+    def identities(k: int) -> Callable[[], float]:
+        def run() -> float:
+            draft = next(drafts)
+            start = time.perf_counter()
+            for name in NAMES[:k]:
+                studio.refine(draft, name)
+            return time.perf_counter() - start
+
+        return run
+
+    k1, k8, aa_k = abba(identities(1), identities(8), args.repeats)
+
+    # (b) faces per picture, detection replaced by the stand-in (see the docstring)
+    canvas = cv2.resize(data.astronaut()[:, :, ::-1], (1024, 512))
+    setup = studio._refine_setup(Cast.parse(NAMES[0], select="all"))
+    faces = {"count": 1}
+    stage.detect_faces = lambda image, detector, settings: grid_faces(faces["count"])
+    serial = iter(range(10**9))
+
+    def pictures(count: int) -> Callable[[], float]:
+        def run() -> float:
+            faces["count"] = count
+            picture = canvas.copy()
+            picture[0, 0, 0] = next(serial) % 256  # new pixels: no analysis is reused
+            start = time.perf_counter()
+            result = stage.refine(picture, setup.cast, setup.identities, setup.models, studio.config.refine,
+                                  studio.cache)  # fmt: skip
+            elapsed = time.perf_counter() - start
+            assert result.status in ("ok", "failed_qa") and len(result.qa) == count, result.message
+            return elapsed
+
+        return run
+
+    pictures(8)()
+    f1, f8, aa_f = abba(pictures(1), pictures(8), args.repeats)
+    aa = max(abs(aa_k), abs(aa_f))
+    print(f"tiny kit, upscaling off, {args.threads} thread(s), {args.repeats} rounds (A B B A)")
+    print(f"(a) one draft, 1 identity {k1 * 1e3:.1f} ms; 8 identities {k8 * 1e3:.1f} ms: "
+          f"{k8 / k1:.2f}x (target <= 2.0); A/A {aa_k:+.1f} %")  # fmt: skip
+    print(f"(b) one picture, 1 face {f1 * 1e3:.1f} ms; 8 faces {f8 * 1e3:.1f} ms: {f8 / f1:.2f}x "
+          f"(target <= 4.0; detection by the stand-in); A/A {aa_f:+.1f} %")  # fmt: skip
+    print(f"RESULT k8_over_k1={k8 / k1:.2f} faces8_over_faces1={f8 / f1:.2f} aa_pct={aa:.1f}")
+
+
+if __name__ == "__main__":
+    main()
