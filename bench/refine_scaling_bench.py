@@ -12,13 +12,13 @@
     stand-in that reports N faces on a grid (its own cost is nil): the ratio covers everything after
     detection (the faces' embeddings in one batch, N swaps — inswapper's graph has a fixed batch of 1 —,
     N blends, the QA embeddings in one batch). Target: 8 faces <= 4x one face.
-Both with upscaling off (refine.upscale = "off"), order A B B A per round, medians, and an A/A control
-(the reference against itself). RESULT keys: k8_over_k1, faces8_over_faces1, aa_pct.
+Both with upscaling off (refine.upscale = "off"), timed by ``_common.interleave`` (A B B A blocks, the
+median paired ratio) with an A/A arm (the reference's own work).
+RESULT keys: k8_over_k1, faces8_over_faces1, aa_pct.
 """
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from _common import bench_args
+from _common import bench_args, interleave
 from skimage import data
 
 import studio.faces.stage as stage
@@ -39,17 +39,6 @@ from studio.request import GenerateRequest
 from studio.types import Face
 
 NAMES = [f"p{i}" for i in range(8)]
-
-
-def abba(a: Callable[[], float], b: Callable[[], float], rounds: int) -> tuple[float, float, float]:
-    """Medians of a and b over A B B A rounds, and the A/A control (second a against first a) in %."""
-    a_times, b_times, aa = [], [], []
-    for _ in range(rounds):
-        a1, b1, b2, a2 = a(), b(), b(), a()
-        a_times += [a1, a2]
-        b_times += [b1, b2]
-        aa.append(a2 / a1 - 1)
-    return statistics.median(a_times), statistics.median(b_times), statistics.median(aa) * 100
 
 
 def grid_faces(count: int) -> tuple[Face, ...]:
@@ -80,7 +69,7 @@ def main() -> None:
         studio.enrol(name, [photo], consent="bench fixture")
 
     # (a) identities per draft: every timing gets a draft whose faces were never analysed
-    drafts = iter(studio.draft(GenerateRequest("a lighthouse keeper", count=8 * args.repeats + 4)))
+    drafts = iter(studio.draft(GenerateRequest("a lighthouse keeper", count=12 * args.repeats + 4)))
     studio.refine(next(drafts), NAMES[0])  # warm: models loaded
 
     def identities(k: int) -> Callable[[], float]:
@@ -93,7 +82,8 @@ def main() -> None:
 
         return run
 
-    k1, k8, aa_k = abba(identities(1), identities(8), args.repeats)
+    got = interleave({"k8": identities(8), "A/A": identities(1)}, identities(1), args.repeats)
+    k8_ratio, k1, aa_k = got["k8"].ratio, got["k8"].reference_ms, got["A/A"].pct
 
     # (b) faces per picture, detection replaced by the stand-in (see the docstring)
     canvas = cv2.resize(data.astronaut()[:, :, ::-1], (1024, 512))
@@ -117,14 +107,15 @@ def main() -> None:
         return run
 
     pictures(8)()
-    f1, f8, aa_f = abba(pictures(1), pictures(8), args.repeats)
+    got = interleave({"f8": pictures(8), "A/A": pictures(1)}, pictures(1), args.repeats)
+    f8_ratio, f1, aa_f = got["f8"].ratio, got["f8"].reference_ms, got["A/A"].pct
     aa = max(abs(aa_k), abs(aa_f))
-    print(f"tiny kit, upscaling off, {args.threads} thread(s), {args.repeats} rounds (A B B A)")
-    print(f"(a) one draft, 1 identity {k1 * 1e3:.1f} ms; 8 identities {k8 * 1e3:.1f} ms: "
-          f"{k8 / k1:.2f}x (target <= 2.0); A/A {aa_k:+.1f} %")  # fmt: skip
-    print(f"(b) one picture, 1 face {f1 * 1e3:.1f} ms; 8 faces {f8 * 1e3:.1f} ms: {f8 / f1:.2f}x "
-          f"(target <= 4.0; detection by the stand-in); A/A {aa_f:+.1f} %")  # fmt: skip
-    print(f"RESULT k8_over_k1={k8 / k1:.2f} faces8_over_faces1={f8 / f1:.2f} aa_pct={aa:.1f}")
+    print(f"tiny kit, upscaling off, {args.threads} thread(s), {args.repeats} A B B A rounds per arm")
+    print(f"(a) one draft, 1 identity {k1:.1f} ms; 8 identities: {k8_ratio:.2f}x (median paired ratio, "
+          f"target <= 2.0); A/A {aa_k:+.1f} %")  # fmt: skip
+    print(f"(b) one picture, 1 face {f1:.1f} ms; 8 faces: {f8_ratio:.2f}x (median paired ratio, "
+          f"target <= 4.0; detection by the stand-in); A/A {aa_f:+.1f} %")  # fmt: skip
+    print(f"RESULT k8_over_k1={k8_ratio:.2f} faces8_over_faces1={f8_ratio:.2f} aa_pct={aa:.1f}")
 
 
 if __name__ == "__main__":

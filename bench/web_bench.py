@@ -9,19 +9,18 @@ through the same output sink (watermark and C2PA off: the bench times the web la
   web:   gradio_client ``predict(..., api_name="/run_generate")``: HTTP upload of the inputs, the queue,
          the handler, the result files copied into Gradio's cache, the answer back over SSE.
   cli:   ``Studio.generate`` in this process (the CLI's own start-up, ~seconds of imports, is excluded).
-Order: A B B A per round (web, cli, cli, web, ...), medians; an A/A control times cli against cli.
+Order: ``bench._common.interleave`` (A B B A blocks, median paired ratio) with an A/A arm (cli against cli).
 RESULT keys: web_ms, cli_ms, web_over_cli (median paired ratio), web_overhead_ms, aa_pct.
 """
 
 from __future__ import annotations
 
 import logging
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from _common import bench_args
+from _common import bench_args, interleave
 
 from studio.config import load_config
 from studio.models.tiny import make_tiny_kit
@@ -63,17 +62,13 @@ def main() -> None:
             return time.perf_counter() - start
 
         web(), cli()  # warm: models loaded, the queue and the client connected
-        webs, clis, ratios, aa = [], [], [], []
-        for _ in range(args.repeats):
-            a1, b1, b2, a2 = web(), cli(), cli(), web()
-            webs += [a1, a2]
-            clis += [b1, b2]
-            ratios.append((a1 + a2) / (b1 + b2))
-            aa.append(b2 / b1 - 1)
-    web_ms, cli_ms = statistics.median(webs) * 1e3, statistics.median(clis) * 1e3
-    ratio, aa_pct = statistics.median(ratios), statistics.median(aa) * 100
-    print(f"tiny profile (64x64, 4 steps), {args.threads} thread(s), {args.repeats} rounds (A B B A)")
-    print(f"web round trip (gradio_client -> queue -> Studio.generate -> files back): {web_ms:.0f} ms median")
+        got = interleave({"web": web, "A/A": cli}, cli, args.repeats)
+    web_ms, cli_ms = got["web"].arm_ms, got["web"].reference_ms
+    ratio, aa_pct = got["web"].ratio, got["A/A"].pct
+    print(f"tiny profile (64x64, 4 steps), {args.threads} thread(s), {args.repeats} A B B A rounds per arm")
+    print(got["web"].describe("web round trip (gradio_client -> queue -> Studio.generate -> files)", "cli"))
+    print(got["A/A"].describe("A/A", "cli"))
+    print(f"web round trip: {web_ms:.0f} ms median")
     print(f"same request through the Python API (what `studio generate` calls):    {cli_ms:.0f} ms median")
     print(
         f"web / cli: {ratio:.2f} (median paired ratio); web layer ≈ {web_ms - cli_ms:.0f} ms; "
