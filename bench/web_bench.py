@@ -1,6 +1,6 @@
 """A Generate round trip through the web studio against the same request through the Python API.
 
-    uv run python bench/web_bench.py [--repeats 5] [--threads 1]
+    uv run python bench/web_bench.py [--repeats 15] [--threads 1]
 
 One process: a WebStudio on the tiny profile (64x64, 4 steps) served by uvicorn on a loopback port (the
 real app: ``create_app``, Gradio queue and all), and the same resident ``Studio`` called directly —
@@ -32,7 +32,7 @@ PROMPT = "a lighthouse keeper, 70 years old"
 
 
 def main() -> None:
-    args = bench_args(__doc__)
+    args = bench_args(__doc__, repeats=15)
     logging.getLogger("studio").setLevel(logging.ERROR)
     work = Path(tempfile.mkdtemp(prefix="web-bench-"))
     kit = make_tiny_kit(work / "kit")
