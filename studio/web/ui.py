@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 N = TypeVar("N", int, float)
 DEFAULT = "style/config"  # what an empty optional field means
+# the Generate tab's inputs, in the order its handler receives them
+GENERATE_FIELDS = ("prompt", "negative", "variables", "style", "loras", "pose", "width", "height", "steps",
+                   "cfg", "sampler", "seed", "count", "identity", "adapter", "scale", "rerolls")  # fmt: skip
 ACCELERATOR = "accelerator"  # the Gradio concurrency group of every event that runs a model
 ALL = "(all)"
 POLL_S = 0.5  # how often a running campaign's counts are read
@@ -387,25 +390,8 @@ def _generate_tab(service: WebStudio) -> dict[str, Any]:
             rerolls = gr.Number(
                 label="Re-roll QA failures (times)", value=0, precision=0, minimum=0, maximum=100
             )
-    c["inputs"] = [
-        prompt,
-        negative,
-        variables,
-        style,
-        loras,
-        pose,
-        width,
-        height,
-        steps,
-        cfg,
-        sampler,
-        seed,
-        count,
-        identity,
-        adapter,
-        scale,
-        rerolls,
-    ]
+    widgets = locals()  # the widgets above, by their names in GENERATE_FIELDS
+    c["inputs"] = [widgets[name] for name in GENERATE_FIELDS]
     c["identity"] = identity
     c["run"] = gr.Button("Generate", variant="primary", elem_id="gen-run")
     c["status"] = gr.Markdown(elem_id="gen-status")
@@ -522,46 +508,28 @@ def _models_tab(service: WebStudio) -> dict[str, Any]:
 
 def _request(values: tuple[Any, ...]) -> tuple[GenerateRequest, int]:
     """The widgets' values as a GenerateRequest (the same checks as the command line's options)."""
-    (
-        prompt,
-        negative,
-        variables,
-        style,
-        loras,
-        pose,
-        width,
-        height,
-        steps,
-        cfg,
-        sampler,
-        seed,
-        count,
-        identity,
-        adapter,
-        scale,
-        rerolls,
-    ) = values
-    if not (prompt or "").strip():
+    v = dict(zip(GENERATE_FIELDS, values, strict=True))
+    if not (v["prompt"] or "").strip():
         raise InputError("The prompt is empty.", fix="describe the portrait.")
     request = GenerateRequest(
-        prompt=prompt,
-        negative=negative or None,
-        style=style or None,
-        variables=parse_pairs([v for v in (variables or "").split(",") if v.strip()], "variable"),
-        seed=int(seed if seed is not None else 42),
-        count=int(count or 1),
-        width=_number(width, "width", int),
-        height=_number(height, "height", int),
-        steps=_number(steps, "steps", int),
-        cfg=_number(cfg, "CFG", float),
-        sampler=sampler or None,
-        loras=tuple(parse_lora(item, "LoRA") for item in (loras or "").split(",") if item.strip()),
-        pose=Path(pose) if pose else None,
-        identity=(identity or "").strip() or None,
-        adapter=adapter or None,
-        adapter_scale=_number(scale, "adapter scale", float),
+        prompt=v["prompt"],
+        negative=v["negative"] or None,
+        style=v["style"] or None,
+        variables=parse_pairs([x for x in (v["variables"] or "").split(",") if x.strip()], "variable"),
+        seed=int(v["seed"] if v["seed"] is not None else 42),
+        count=int(v["count"] or 1),
+        width=_number(v["width"], "width", int),
+        height=_number(v["height"], "height", int),
+        steps=_number(v["steps"], "steps", int),
+        cfg=_number(v["cfg"], "CFG", float),
+        sampler=v["sampler"] or None,
+        loras=tuple(parse_lora(item, "LoRA") for item in (v["loras"] or "").split(",") if item.strip()),
+        pose=Path(v["pose"]) if v["pose"] else None,
+        identity=(v["identity"] or "").strip() or None,
+        adapter=v["adapter"] or None,
+        adapter_scale=_number(v["scale"], "adapter scale", float),
     )
-    return request, int(rerolls or 0)
+    return request, int(v["rerolls"] or 0)
 
 
 def _number(text: str | None, name: str, kind: type[N]) -> N | None:
