@@ -16,6 +16,7 @@ from studio.cli.common import (
     ConfigFile,
     Debug,
     Json,
+    OutDir,
     Overrides,
     Profile,
     Verbose,
@@ -27,7 +28,6 @@ from studio.cli.common import (
 campaign_app = typer.Typer(help="Campaigns: a manifest of prompts × styles × identities × seeds.")
 
 Manifest = Annotated[Path, typer.Argument(help="The campaign manifest (TOML; see docs/campaigns.md).")]
-OutDir = Annotated[Path | None, typer.Option("--out", help="Output folder (default: config).")]
 EngineOption = Annotated[str, typer.Option("--engine", help="local (worker processes) or ray.")]
 Address = Annotated[str | None, typer.Option("--address", help="Ray cluster address (--engine ray).")]
 Workers = Annotated[int, typer.Option("--workers", min=1, max=256, help="Workers (one Studio each).")]

@@ -27,6 +27,7 @@ err_console = Console(stderr=True, soft_wrap=True)
 Profile = Annotated[str, typer.Option("--profile", "-p", help="configs/<profile>.toml (default, tiny, ...).")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", help="A TOML file layered over the profile.")]
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set draft.steps=20.")]
+OutDir = Annotated[Path | None, typer.Option("--out", help="Output folder (default: config).")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show progress logs.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object (for scripts).")]

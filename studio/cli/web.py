@@ -10,6 +10,7 @@ import typer
 from studio.cli.common import (
     ConfigFile,
     Debug,
+    OutDir,
     Overrides,
     Profile,
     Verbose,
@@ -32,7 +33,7 @@ def web_command(
     auth_file: Annotated[
         Path | None, typer.Option("--auth-file", help="A chmod-600 file of USER:PASS lines.")
     ] = None,
-    output_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: config).")] = None,
+    output_dir: OutDir = None,
     profile: Profile = "default",
     config_file: ConfigFile = None,
     overrides: Overrides = None,
