@@ -14,7 +14,6 @@ Weighting numerics are compel's, not A1111's: a token weighted ``w >= 1`` become
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from compel import EmbeddingsProvider, ReturnedEmbeddingsType, SplitLongTextMode
 from diffusers import DiffusionPipeline
 
 from studio.errors import InputError, ModelError
+from studio.models.cache import Recent
 from studio.prompts import COMMA_BACKTRACK, Fragment, parse_prompt
 
 logger = logging.getLogger(__name__)
@@ -97,10 +97,7 @@ class PromptEncoder:
 
     def __init__(self, capacity: int = 64) -> None:
         self._providers: dict[tuple[int, ...], _Providers] = {}
-        self._rows: OrderedDict[tuple[Hashable, str], tuple[torch.Tensor, torch.Tensor | None]] = (
-            OrderedDict()
-        )
-        self._capacity = capacity
+        self._rows = Recent(capacity)  # (state, text) -> ([1, 77*k, C] row, [1, P] pooled | None)
 
     def encode(
         self,
@@ -147,17 +144,14 @@ class PromptEncoder:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``text``'s ``[1, 77*k, C]`` embedding (and SDXL ``[1, P]`` pooled), from the cache when known."""
         key = (state, text)
-        if key in self._rows:
-            self._rows.move_to_end(key)
-            return self._rows[key]
+        found = self._rows.get(key)
+        if found is not None:
+            return found
         parsed = parse_prompt(text)
         with torch.no_grad():
             row = _forward_segments(providers.rows, parsed, providers.device)
             pooled = _forward_pooled(providers.pooled, [parsed], providers.device, providers.dtype)
-        self._rows[key] = (row, pooled)
-        while len(self._rows) > self._capacity:
-            self._rows.popitem(last=False)
-        return row, pooled
+        return self._rows.put(key, (row, pooled))
 
 
 def _normalize_batch(prompts: Sequence[str], negatives: Sequence[str]) -> list[str]:

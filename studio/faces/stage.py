@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -26,7 +24,7 @@ from studio.faces.quality import FaceQA, SwapEmbeddings, assess
 from studio.faces.select import Cast, assign_faces
 from studio.faces.swap import cached_latent, refine_face
 from studio.faces.upscale import Upscaler, load_upscaler
-from studio.models.cache import ModelCache
+from studio.models.cache import ModelCache, Recent
 from studio.models.catalogue import Catalogue
 from studio.models.resolve import ResolvedModel, resolve
 from studio.models.runtime import choose_device, load_insightface_model, onnx_providers
@@ -34,7 +32,6 @@ from studio.types import Face, Identity, ImageBGR, ModelKind
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 ANALYSED_PICTURES = 16  # pictures whose faces and embeddings are kept for the next refine of the same pixels
 
 
@@ -190,34 +187,12 @@ def analyse_faces(
     applied to one draft shares them (a small LRU of recent pictures, keyed by their pixels)."""
     digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest()
     key = (digest, image.shape, id(models.detector), models.recognizer_sha256, settings)
-    recent = cache.get(("face-analyses",), lambda: _Recent(ANALYSED_PICTURES))
+    recent = cache.get(("face-analyses",), lambda: Recent(ANALYSED_PICTURES))
     found = recent.get(key)
     if found is None:
         faces = detect_faces(image, models.detector, settings)
         found = recent.put(key, (faces, embed_faces(image, faces, models.recognizer)))
     return found
-
-
-class _Recent:
-    """A thread-safe LRU of the last ``capacity`` values."""
-
-    def __init__(self, capacity: int) -> None:
-        self._items: OrderedDict[Hashable, Any] = OrderedDict()
-        self._capacity = capacity
-        self._lock = threading.Lock()
-
-    def get(self, key: Hashable) -> Any:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-            return self._items.get(key)
-
-    def put(self, key: Hashable, value: T) -> T:
-        with self._lock:
-            self._items[key] = value
-            while len(self._items) > self._capacity:
-                self._items.popitem(last=False)
-        return value
 
 
 def _identity_key(identity: Identity) -> str:
