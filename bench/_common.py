@@ -17,6 +17,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import torch
@@ -50,6 +51,23 @@ def bench_args(
 def runtime_overrides(args: argparse.Namespace) -> list[str]:
     """Config overrides that give ONNX Runtime (and a Studio's torch/OpenCV) the bench's thread count."""
     return [f"runtime.threads={args.threads}"]
+
+
+def work_overrides(args: argparse.Namespace, work: Path, kit: Path | None = None) -> list[str]:
+    """A bench's own folders under ``work`` (outputs, models, identities, audit log, signing CA: never the
+    user's), no watermark or C2PA signature (they are outside what the benches time), and its threads;
+    ``kit``: a tiny model kit built for the bench."""
+    return [
+        *([f"models.tiny_kit={str(kit)!r}"] if kit is not None else []),
+        f"models.dir={str(work / 'models')!r}",
+        f"output_dir={str(work / 'out')!r}",
+        f"refine.identities_dir={str(work / 'ids')!r}",
+        f"audit.log={str(work / 'audit.jsonl')!r}",
+        f"provenance.data_dir={str(work / 'data')!r}",
+        "provenance.watermark=false",
+        "provenance.c2pa=false",
+        *runtime_overrides(args),
+    ]
 
 
 def wall(function: Callable[[], object]) -> Timed:

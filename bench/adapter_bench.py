@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import cv2
-from _common import bench_args, interleave, runtime_overrides
+from _common import bench_args, interleave, work_overrides
 from skimage import data
 
 from studio.config import load_config
@@ -45,16 +45,7 @@ from studio.request import GenerateRequest
 def main() -> None:
     args = bench_args(__doc__, size=128, steps=4, repeats=6)
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = [
-            f"output_dir={tmp!r}",
-            f"refine.identities_dir={str(Path(tmp) / 'ids')!r}",
-            f"audit.log={str(Path(tmp) / 'audit.jsonl')!r}",
-            f"provenance.data_dir={str(Path(tmp) / 'data')!r}",
-            "provenance.watermark=false",  # outside the draft timing anyway; no local CA in the user's home
-            "provenance.c2pa=false",
-            "refine.enabled=false",
-            *runtime_overrides(args),
-        ]
+        overrides = [*work_overrides(args, Path(tmp)), "refine.enabled=false"]
         config = load_config("tiny", overrides=overrides)
         studios = {name: Studio(config) for name in ("plain", "twin", "fact", "faceid", "mixed")}
         photo = Path(tmp) / "anna.png"

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import Paired, bench_args, interleave, runtime_overrides, wall
+from _common import Paired, bench_args, interleave, wall, work_overrides
 
 from studio.compat import quiet_model_libraries
 from studio.config import StudioConfig, load_config
@@ -53,15 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(
             "tiny",
-            overrides=[
-                f"output_dir={tmp!r}",
-                f"models.dir={str(Path(tmp) / 'm')!r}",
-                f"audit.log={str(Path(tmp) / 'audit.jsonl')!r}",
-                f"provenance.data_dir={str(Path(tmp) / 'data')!r}",
-                "provenance.watermark=false",  # (d) counts loads; no marks or local CA in the user's home
-                "provenance.c2pa=false",
-                *runtime_overrides(args),
-            ],
+            overrides=work_overrides(args, Path(tmp)),  # (d) counts loads: no marks or local CA
         )
         catalogue = open_catalogue(config)
         base = resolve_base(config.draft.model, catalogue, config)

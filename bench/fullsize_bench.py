@@ -61,6 +61,9 @@ from typing import Any, TypeVar
 
 import torch
 from _fullsize import (
+    NEGATIVE,
+    PROMPT,
+    SEED,
     FullsizeKit,
     astronaut_bgr,
     draft_pipeline,
@@ -75,9 +78,6 @@ from studio.faces.stage import load_face_models, refine_models
 from studio.pipeline import Studio
 from studio.request import GenerateRequest
 
-PROMPT = "portrait of a lighthouse keeper, rim light, 85mm"
-NEGATIVE = "lowres, blurry"
-SEED = 7
 SIZE = 512
 ROUND_A = ("S", "B", "B2", "B2", "B", "S")  # palindrome: every side has the same mean position
 ROUND_B = ("off", "on", "on", "off")

@@ -68,6 +68,9 @@ from typing import Any
 
 import torch
 from _fullsize import (
+    NEGATIVE,
+    PROMPT,
+    SEED,
     FullsizeKit,
     astronaut_bgr,
     draft_pipeline,
@@ -83,9 +86,6 @@ from studio.models.store import locate
 from studio.pipeline import Studio
 from studio.request import GenerateRequest
 
-PROMPT = "portrait of a lighthouse keeper, rim light, 85mm"
-NEGATIVE = "lowres, blurry"
-SEED = 7
 VARIANTS = ("sdpa", "channels_last", "compile")
 REAL_FACE_MODELS = {"detector": "det_10g", "recognizer": "w600k_r50", "swapper": "inswapper_128"}
 NEEDS_S = {"sdpa": 60, "channels_last": 90, "refine": 60, "compile": 150}  # least time left to start one

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from _common import bench_args, interleave
+from _common import bench_args, interleave, work_overrides
 from skimage import data
 
 import studio.faces.stage as stage
@@ -56,12 +56,7 @@ def main() -> None:
     args = bench_args(__doc__)
     work = Path(tempfile.mkdtemp(prefix="refine-scaling-"))
     kit = make_tiny_kit(work / "kit")
-    overrides = [
-        f"models.tiny_kit={str(kit)!r}", f"models.dir={str(work / 'models')!r}",
-        f"output_dir={str(work / 'out')!r}", f"refine.identities_dir={str(work / 'ids')!r}",
-        f"audit.log={str(work / 'audit.jsonl')!r}", f"provenance.data_dir={str(work / 'data')!r}",
-        "refine.upscale='off'", f"runtime.threads={args.threads}",
-    ]  # fmt: skip
+    overrides = [*work_overrides(args, work, kit), "refine.upscale='off'"]
     studio = Studio(load_config("tiny", overrides=overrides))
     photo = work / "photo.png"
     write_image(photo, cv2.resize(data.astronaut()[:, :, ::-1], (256, 256)))

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import bench_args, interleave
+from _common import bench_args, interleave, work_overrides
 
 from studio.config import load_config
 from studio.models.tiny import make_tiny_kit
@@ -36,12 +36,7 @@ def main() -> None:
     logging.getLogger("studio").setLevel(logging.ERROR)
     work = Path(tempfile.mkdtemp(prefix="web-bench-"))
     kit = make_tiny_kit(work / "kit")
-    overrides = [
-        f"models.tiny_kit={str(kit)!r}", f"models.dir={str(work / 'models')!r}",
-        f"output_dir={str(work / 'out')!r}", f"refine.identities_dir={str(work / 'ids')!r}",
-        f"audit.log={str(work / 'audit.jsonl')!r}", f"provenance.data_dir={str(work / 'data')!r}",
-        "provenance.watermark=false", "provenance.c2pa=false", f"runtime.threads={args.threads}",
-    ]  # fmt: skip
+    overrides = work_overrides(args, work, kit)
     service = WebStudio(load_config("tiny", overrides=overrides), profile="tiny", overrides=overrides)
     request = GenerateRequest(PROMPT)
     inputs = [PROMPT, "", "", "", "", None, "", "", "", "", "", 42, 1, None, "", "", 0]  # the Generate tab

@@ -46,11 +46,16 @@ def tiny_kit(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def tiny_overrides(tiny_kit: Path, tmp_path: Path) -> list[str]:
     """--set overrides for the tiny profile: this session's kit, a private models and output folder."""
+    return tiny_overrides_in(tiny_kit, tmp_path)
+
+
+def tiny_overrides_in(kit: Path, work: Path) -> list[str]:
+    """The tiny profile on ``kit`` with its models, outputs, audit log and signing CA under ``work``."""
     return [
-        f"models.tiny_kit={str(tiny_kit)!r}",
-        f"models.dir={str(tmp_path / 'models')!r}",
-        f"output_dir={str(tmp_path / 'out')!r}",
-        *private_overrides(tmp_path),
+        f"models.tiny_kit={str(kit)!r}",
+        f"models.dir={str(work / 'models')!r}",
+        f"output_dir={str(work / 'out')!r}",
+        *private_overrides(work),
     ]
 
 

@@ -19,7 +19,7 @@ from studio.batch.store import STATES
 from studio.errors import InputError, StudioError
 from studio.types import Identity
 from studio.web.security import Credentials
-from studio.web.service import WebStudio
+from studio.web.service import UnknownCampaign, WebStudio
 
 logger = logging.getLogger(__name__)
 
@@ -191,10 +191,8 @@ def _found(call: Any) -> Any:
     """``call()``, with a campaign that does not exist as a 404."""
     try:
         return call()
-    except InputError as err:
-        if err.problem.startswith("No campaign"):
-            raise HTTPException(404, err.problem) from err
-        raise
+    except UnknownCampaign as err:
+        raise HTTPException(404, err.problem) from err
 
 
 def _item(request: Request, name: str, row: dict[str, Any]) -> Item:

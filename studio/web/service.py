@@ -46,6 +46,10 @@ POSE_SUFFIXES = (".json",)  # OpenPose keypoints (the draft stage parses and che
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
+class UnknownCampaign(InputError):
+    """No campaign of that name has a store in the output folder (the API answers 404)."""
+
+
 @dataclass
 class CampaignRun:
     """A campaign run in the background: its state while it runs, and how it ended."""
@@ -304,7 +308,9 @@ class WebStudio:
         """A campaign's store by name (InputError if there is none); the caller closes it."""
         path = self.campaigns_folder / _checked_name(name) / STORE_FILE
         if not path.is_file():
-            raise InputError(f"No campaign {name!r} in {self.campaigns_folder}.", fix="submit its manifest.")
+            raise UnknownCampaign(
+                f"No campaign {name!r} in {self.campaigns_folder}.", fix="submit its manifest."
+            )
         return CampaignStore(path)
 
     def status(self, name: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from skimage import data
 from studio.config import load_config
 from studio.imageio import write_image
 from studio.web.service import WebStudio
-from tests.conftest import private_overrides
+from tests.conftest import tiny_overrides_in
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -22,12 +22,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def web_overrides(kit: Path, work: Path, *extra: str) -> list[str]:
     """The tiny profile with every folder of its own under ``work``."""
     return [
-        f"models.tiny_kit={str(kit)!r}",
-        f"models.dir={str(work / 'models')!r}",
-        f"output_dir={str(work / 'out')!r}",
+        *tiny_overrides_in(kit, work),
         f"refine.identities_dir={str(work / 'ids')!r}",
         f"web.manifests={str(work / 'manifests')!r}",
-        *private_overrides(work),
         *extra,
     ]
 
