@@ -1,4 +1,5 @@
-"""What every bench script shares: its command-line knobs, fixed threads, and interleaved paired timing.
+"""What every bench script shares: its command-line knobs, fixed threads, interleaved paired timing, and a
+grid of stand-in faces for the refine benches (``grid_faces``).
 
 ``interleave`` is how the benches compare two things on a shared, noisy CPU: each arm is timed against one
 reference in A B B A blocks (arm, reference, reference, arm), the blocks of the different arms rotated from
@@ -20,7 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import numpy as np
 import torch
+
+from studio.types import Face
 
 Timed = Callable[[], float]  # does the work once; returns the seconds that count
 
@@ -68,6 +72,19 @@ def work_overrides(args: argparse.Namespace, work: Path, kit: Path | None = None
         "provenance.c2pa=false",
         *runtime_overrides(args),
     ]
+
+
+def grid_faces(count: int) -> tuple[Face, ...]:
+    """``count`` stand-in faces on a 4-wide grid of 256-px cells (row by row, left to right), each shaped
+    like the tiny detector's fixture face (a 102x128 box); 8 fit on a 1024x512 picture. Benches put it in
+    place of detection (``studio.faces.analysis.detect_faces``), whose fixture always reports one face."""
+    points = [(0.42, 0.40), (0.58, 0.40), (0.50, 0.50), (0.435, 0.60), (0.565, 0.60)]  # fractions of a cell
+    faces = []
+    for i in range(count):
+        x, y = (i % 4) * 256.0, (i // 4) * 256.0
+        landmarks = np.array([[x + 256 * px, y + 256 * py] for px, py in points], np.float32)  # (5, 2) x, y
+        faces.append(Face(box=(x + 77, y + 56, x + 179, y + 184), landmarks=landmarks, score=0.99))
+    return tuple(faces)
 
 
 def wall(function: Callable[[], object]) -> Timed:

@@ -25,10 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import cv2
-import numpy as np
-from _common import bench_args, interleave, work_overrides
+from _common import bench_args, grid_faces, interleave, work_overrides
 from skimage import data
 
+import studio.faces.analysis as analysis
 import studio.faces.stage as stage
 from studio.config import load_config
 from studio.faces.select import Cast
@@ -36,20 +36,8 @@ from studio.imageio import write_image
 from studio.models.tiny import make_tiny_kit
 from studio.pipeline import Studio
 from studio.request import GenerateRequest
-from studio.types import Face
 
 NAMES = [f"p{i}" for i in range(8)]
-
-
-def grid_faces(count: int) -> tuple[Face, ...]:
-    """``count`` faces on a 4-wide grid of 256 px cells, each shaped like the tiny fixture face."""
-    faces = []
-    for i in range(count):
-        x, y = (i % 4) * 256.0, (i // 4) * 256.0
-        points = [(0.42, 0.40), (0.58, 0.40), (0.50, 0.50), (0.435, 0.60), (0.565, 0.60)]
-        landmarks = np.array([[x + 256 * px, y + 256 * py] for px, py in points], np.float32)
-        faces.append(Face(box=(x + 77, y + 56, x + 179, y + 184), landmarks=landmarks, score=0.99))
-    return tuple(faces)
 
 
 def main() -> None:
@@ -84,7 +72,7 @@ def main() -> None:
     canvas = cv2.resize(data.astronaut()[:, :, ::-1], (1024, 512))
     setup = studio._refine_setup(Cast.parse(NAMES[0], select="all"))
     faces = {"count": 1}
-    stage.detect_faces = lambda image, detector, settings: grid_faces(faces["count"])
+    analysis.detect_faces = lambda image, detector, settings: grid_faces(faces["count"])
     serial = iter(range(10**9))
 
     def pictures(count: int) -> Callable[[], float]:
@@ -93,7 +81,7 @@ def main() -> None:
             picture = canvas.copy()
             picture[0, 0, 0] = next(serial) % 256  # new pixels: no analysis is reused
             start = time.perf_counter()
-            result = stage.refine(picture, setup.cast, setup.identities, setup.models, studio.config.refine,
+            result = stage.refine(picture, setup.cast, setup.identities, setup.models, setup.settings,
                                   studio.cache)  # fmt: skip
             elapsed = time.perf_counter() - start
             assert result.status in ("ok", "failed_qa") and len(result.qa) == count, result.message

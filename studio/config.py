@@ -81,6 +81,12 @@ def check_value(spec: dataclasses.Field, hint: Any, value: Any, key: str) -> Non
     """One value against its field's Literal choices and range; a ConfigError naming ``key`` if not."""
     if get_origin(hint) is Literal and value is not None and value not in get_args(hint):
         _bad(key, value, "one of " + ", ".join(repr(a) for a in get_args(hint)))
+    item = _tuple_literal(hint)
+    if item is not None and value is not None:
+        for one in value:
+            check_value(spec, item, one, key)
+        if len(set(value)) != len(value):
+            _bad(key, value, "each value at most once")
     if value is None or "min" not in spec.metadata:
         return
     lo, hi, step = spec.metadata["min"], spec.metadata["max"], spec.metadata.get("multiple")
@@ -88,6 +94,17 @@ def check_value(spec: dataclasses.Field, hint: Any, value: Any, key: str) -> Non
         _bad(key, value, f"a number from {lo} to {hi}")
     if step and value % step:
         _bad(key, value, f"a multiple of {step} from {lo} to {hi}")
+
+
+def _tuple_literal(hint: Any) -> Any:
+    """``Literal[...]`` of ``tuple[Literal[...], ...]`` (``| None`` allowed), else None."""
+    union = get_origin(hint) is types.UnionType
+    options = [a for a in get_args(hint) if a is not type(None)] if union else [hint]
+    for option in options:
+        args = get_args(option)
+        if get_origin(option) is tuple and args and get_origin(args[0]) is Literal:
+            return args[0]
+    return None
 
 
 @dataclass(frozen=True)
@@ -166,6 +183,27 @@ class DraftConfig:
 
 FaceSelect = Literal["all", "largest", "left-to-right", "index", "similarity"]
 MaskShape = Literal["ellipse", "box"]
+# The face processors, applied one after another to every assigned face (studio.faces.processors).
+ProcessorName = Literal["swap", "enhance"]
+BlendMode = Literal["alpha", "poisson"]  # feathered alpha paste, or Poisson (cv2.seamlessClone) in the ROI
+# Face-parser regions (the BiSeNet CelebAMask-HQ classes FaceFusion masks by).
+FaceRegion = Literal[
+    "skin",
+    "left-eyebrow",
+    "right-eyebrow",
+    "left-eye",
+    "right-eye",
+    "glasses",
+    "nose",
+    "mouth",
+    "upper-lip",
+    "lower-lip",
+]
+FACE_REGIONS: tuple[FaceRegion, ...] = get_args(FaceRegion)
+# Each region's CelebAMask-HQ class index in a BiSeNet parser's 19 outputs (FaceFusion's face_mask_region_set)
+FACE_REGION_CLASSES: Mapping[FaceRegion, int] = types.MappingProxyType(
+    dict(zip(FACE_REGIONS, (1, 2, 3, 4, 5, 6, 10, 11, 12, 13), strict=True))
+)
 
 
 @dataclass(frozen=True)
@@ -187,6 +225,8 @@ class MaskConfig:
     shape: MaskShape = "ellipse"
     padding: float = field(default=0.0, metadata=bounds(0.0, 0.49))  # trimmed from each side
     blur: float = field(default=0.1, metadata=bounds(0.0, 0.5))  # feather width (0: a 1-px hard edge)
+    occlusion: bool = False  # also mask what covers the face (hands, glasses, hair): refine.occluder model
+    regions: tuple[FaceRegion, ...] = ()  # also keep only these face-parser regions (none: no parser)
 
     def __post_init__(self) -> None:
         check_fields(self, "refine.mask.")
@@ -206,6 +246,18 @@ class EnrolConfig:
 
 
 @dataclass(frozen=True)
+class EnhanceConfig:
+    """The face enhancer processor: which model, how much of its result is blended in."""
+
+    model: str = "gfpgan_1_4"  # gfpgan_1_4 or codeformer (catalogue name or .onnx file)
+    blend: float = field(default=0.8, metadata=bounds(0.0, 1.0))  # 1: the enhanced face alone
+    fidelity: float = field(default=0.5, metadata=bounds(0.0, 1.0))  # CodeFormer: 1 = closest to input
+
+    def __post_init__(self) -> None:
+        check_fields(self, "refine.enhance.")
+
+
+@dataclass(frozen=True)
 class RefineConfig:
     """Face refinement: models, detection, selection, upscaling, blending and QA."""
 
@@ -214,7 +266,12 @@ class RefineConfig:
     recognizer: str = "w600k_r50"
     swapper: str = "inswapper_128"
     upscaler: str = "realesrgan_x2plus"
+    occluder: str = "xseg_1"  # occlusion mask model (refine.mask.occlusion)
+    parser: str = "bisenet_resnet_34"  # face-parser model (refine.mask.regions)
+    processors: tuple[ProcessorName, ...] = ("swap",)  # applied in this order to every assigned face
+    blend: BlendMode = "alpha"
     identities_dir: Path = Path("~/.local/share/portrait-studio/identities")
+    templates_dir: Path = Path("~/.local/share/portrait-studio/templates")  # multi-person templates
     select: FaceSelect = "all"  # which faces get a single --identity
     upscale: Toggle = "auto"  # auto: when the face on the canvas is larger than the swapper's 128 px
     upscale_tile: int = field(default=0, metadata=bounds(0, 4096))  # Real-ESRGAN tile size, 0 = whole crop
@@ -222,6 +279,7 @@ class RefineConfig:
     min_similarity: float = field(default=0.0, metadata=bounds(0.0, 1.0))  # QA: below this the image fails
     detect: DetectConfig = DetectConfig()
     mask: MaskConfig = MaskConfig()
+    enhance: EnhanceConfig = EnhanceConfig()
     enrol: EnrolConfig = EnrolConfig()
 
     def __post_init__(self) -> None:

@@ -37,6 +37,10 @@ class IdentityError(InputError):
     """An identity name, enrolment, file or consent state does not allow the requested use."""
 
 
+class TemplateError(InputError):
+    """A multi-person template's name, file or cast does not fit (see ``studio template``)."""
+
+
 class ContentBlockedError(InputError):
     """A prompt or a picture is blocked by the content check (safety.*): nothing is written for it."""
 

@@ -9,6 +9,7 @@ follows the face's area, not the canvas's, and every pixel outside the ROI is re
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -23,6 +24,15 @@ ARCFACE_TEMPLATE: Landmark5 = np.array(
     dtype=np.float32,
 )  # (5, 2) x, y px
 ARCFACE_TEMPLATE.flags.writeable = False
+
+# FFHQ alignment (GFPGAN, CodeFormer and FaceFusion's ``ffhq_512``): the same 5 points as fractions of the
+# crop's side; the face sits lower and smaller than in the ArcFace crop, with room for hair and chin.
+FFHQ_TEMPLATE: npt.NDArray[np.float64] = np.array(
+    [[0.37691676, 0.46864664], [0.62285697, 0.46912813], [0.50123859, 0.61331904], [0.39308822, 0.72541100],
+     [0.61150205, 0.72490465]],
+)  # fmt: skip
+FFHQ_TEMPLATE.flags.writeable = False
+AlignTemplate = Literal["arcface", "ffhq"]  # which 5-point template a model's crops are aligned to
 
 Region = tuple[int, int, int, int]  # (x0, y0, x1, y1) canvas px, end-exclusive
 
@@ -60,11 +70,12 @@ def _umeyama(src: npt.NDArray[np.float64], dst: npt.NDArray[np.float64]) -> Affi
     return affine
 
 
-def estimate_alignment(landmarks: Landmark5, size: int) -> Affine:
-    """Similarity transform taking 5 face landmarks onto the ArcFace template of a ``size``-px crop.
+def estimate_alignment(landmarks: Landmark5, size: int, template: AlignTemplate = "arcface") -> Affine:
+    """Similarity transform taking 5 face landmarks onto ``template`` in a ``size``-px crop.
 
     Closed-form Umeyama least squares, the estimator behind insightface's ``estimate_norm``
-    (``skimage.transform.SimilarityTransform``), so crops match what inswapper and ArcFace expect.
+    (``skimage.transform.SimilarityTransform``), so crops match what inswapper and ArcFace expect (and,
+    with ``template="ffhq"``, what the GFPGAN / CodeFormer face enhancers expect).
     """
     points = np.asarray(landmarks, dtype=np.float64)
     if points.shape != (5, 2) or not np.isfinite(points).all():
@@ -74,6 +85,8 @@ def estimate_alignment(landmarks: Landmark5, size: int) -> Affine:
         )
     if float(points.var(axis=0).sum()) < 1e-6:
         raise InputError("All 5 landmarks coincide.", fix="pass the landmarks of a detected face.")
+    if template == "ffhq":
+        return _umeyama(points, FFHQ_TEMPLATE * float(size))
     return _umeyama(points, arcface_template(size))
 
 
@@ -117,12 +130,21 @@ def mask_region(affine: Affine, mask: Mask, image_shape: tuple[int, int], pad: i
 
 
 def paste_back(
-    canvas: ImageBGR, crop: ImageBGR, affine: Affine, mask: Mask, *, inplace: bool = False
+    canvas: ImageBGR,
+    crop: ImageBGR,
+    affine: Affine,
+    mask: Mask,
+    *,
+    inplace: bool = False,
+    poisson: bool = False,
 ) -> ImageBGR:
     """``canvas`` with ``crop`` warped back and blended through its crop-space ``mask``, in the mask's ROI.
 
     A new canvas, or with ``inplace`` the caller's own, changed and returned: no full-canvas copy, so the
     cost follows the face's area alone. Every pixel outside :func:`mask_region` is left byte-identical.
+    With ``poisson`` the crop is first cloned into the ROI with ``cv2.seamlessClone`` (its gradients, the
+    canvas's colours at the mask's edge), then blended through the same soft mask: a pixel the mask leaves
+    at 0 (an occluder) is still untouched.
     """
     # 1. check inputs
     _check_paste_inputs(canvas, crop, mask)
@@ -139,12 +161,26 @@ def paste_back(
     roi_size = (x1 - x0, y1 - y0)  # (width, height) as cv2 wants it
     warped = _warp_bgr(crop, to_roi, roi_size)
     weight = cv2.warpAffine(weights, to_roi, roi_size, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    roi = result[y0:y1, x0:x1]  # HxWx3 uint8 view into the result canvas
+    if poisson:
+        warped = _seamless(warped, roi, weight)
     # 4. blend roi*(1-m) + warped*m: cv2.blendLinear does it in float32 per pixel and rounds to uint8 in one
     # pass, written straight into the ROI (a row-strided view, which cv2 takes as it is); m == 0 leaves a
     # pixel exactly as it was
-    roi = result[y0:y1, x0:x1]  # HxWx3 uint8 view into the result canvas
     cv2.blendLinear(warped, roi, weight, 1.0 - weight, dst=roi)
     return result
+
+
+def _seamless(warped: ImageBGR, roi: ImageBGR, weight: Mask) -> ImageBGR:
+    """``warped`` Poisson-cloned into a copy of ``roi`` where ``weight`` > 0 (both ROI-sized, no shift)."""
+    support = cv2.compare(weight, 0.0, cv2.CMP_GT)  # hxw uint8, 255 where the mask reaches
+    support[0, :], support[-1, :], support[:, 0], support[:, -1] = 0, 0, 0, 0  # seamlessClone ignores it
+    x, y, width, height = cv2.boundingRect(support)
+    if width < 3 or height < 3:
+        return warped
+    # seamlessClone centres the mask's bounding box on ``center``: this centre puts it back where it is
+    center = (x + width // 2, y + height // 2)
+    return cv2.seamlessClone(warped, np.ascontiguousarray(roi), support, center, cv2.NORMAL_CLONE)
 
 
 def _warp_bgr(crop: ImageBGR, to_roi: Affine, roi_size: tuple[int, int]) -> ImageBGR:

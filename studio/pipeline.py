@@ -2,7 +2,7 @@
 
     studio = Studio(load_config("tiny"))
     drafts = studio.draft(GenerateRequest("a lighthouse keeper, {age}", variables={"age": "70"}))
-    refined = studio.refine(drafts[0], "anna")          # or "0=anna,1=kenji"
+    refined = studio.refine(drafts[0], "anna")          # or "0=anna,1=kenji"; template="duo": its slots
     path = studio.save(refined)                           # the one output sink
 
 ``generate`` only chains draft → refine → save; ``refine_files`` opens existing images (their own recipe
@@ -11,9 +11,10 @@ becomes the parent of the refined one); ``reproduce`` runs a stored recipe again
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from studio.config import StudioConfig, config_from_dict, config_to_dict
+from studio.config import RefineConfig, StudioConfig, config_from_dict, config_to_dict
 from studio.draft import open_draft_pipeline
 from studio.draft.base import resolve_base
 from studio.draft.request import DraftRequest, FaceCondition, Progress, check_draft, plan_batches
-from studio.errors import InputError, RefineError
+from studio.errors import InputError, RefineError, TemplateError
 from studio.faces import (
     FaceModels,
     load_face_model,
@@ -35,9 +36,16 @@ from studio.faces import (
     refine_models,
 )
 from studio.faces.consent import ConsentTerms
-from studio.faces.detect import detect_faces
+from studio.faces.detect import detect_faces, embed_faces
 from studio.faces.identity import EnrolReport, IdentityLibrary
 from studio.faces.select import Cast
+from studio.faces.template import (
+    Template,
+    TemplateLibrary,
+    check_template_cast,
+    check_template_recognizer,
+    validate_template_name,
+)
 from studio.files import sha256_file
 from studio.imageio import read_image, read_metadata
 from studio.models import open_catalogue
@@ -67,7 +75,7 @@ from studio.recipe import (
     recipe_from_image,
     request_from_recipe,
 )
-from studio.request import GenerateRequest
+from studio.request import REFINE_OPTIONS, GenerateRequest
 from studio.results import Draft, GenerateResult, Refined, Reproduction
 from studio.safety import content_check as configured_check
 from studio.types import Face, Identity, ImageBGR
@@ -80,7 +88,10 @@ logger = logging.getLogger(__name__)
 FAILED_QA_DIR = "failed-qa"  # outputs that failed the QA gate after their re-rolls, apart from the rest
 REFINE_SKIPPED = "refine skipped: no --identity given, faces are left as drafted"
 TINY_NOTE = "tiny profile: random-weight models, the pictures are NOT portraits"
-TINY_DETECTOR_NOTE = "tiny profile: the face detector is a fixture (one face at a fixed place)"
+TINY_DETECTOR_NOTE = (
+    "tiny profile: the face detector is a fixture (one face at a fixed place); so are the occlusion mask "
+    "(pure green occludes) and the face parser (fixed regions)"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,6 +101,8 @@ class _RefineSetup:
     cast: Cast
     models: FaceModels
     identities: dict[str, Identity]
+    settings: RefineConfig  # the config's refine section with the request's refine options applied
+    options: dict[str, Any]  # those options as the request gave them (None: the config's)
     model_digests: dict[str, str] = field(default_factory=dict)  # role -> sha256
 
 
@@ -112,11 +125,17 @@ class Studio:
         )
         self.provenance = Provenance(config)  # marks, signs and audits every output this Studio writes
         self._config_record = config_to_dict(config)  # the config as every recipe records it (frozen)
+        self._resolved: dict[Hashable, tuple[tuple[tuple[int, ...], ...], dict[str, ResolvedModel]]] = {}
+
+    @functools.cached_property
+    def identities(self) -> IdentityLibrary:
+        """The identity library the config points at (one object: it keeps the identities it has read)."""
+        return IdentityLibrary.for_config(self.config)
 
     @property
-    def identities(self) -> IdentityLibrary:
-        """The identity library the config points at."""
-        return IdentityLibrary.for_config(self.config)
+    def templates(self) -> TemplateLibrary:
+        """The multi-person template library the config points at."""
+        return TemplateLibrary.for_config(self.config)
 
     # -- the stage API -------------------------------------------------------------------------------
 
@@ -146,15 +165,16 @@ class Studio:
             picture = Draft(np.zeros((0, 0, 3), np.uint8), self._recipe(one, record, models, device))
         if cast is None:
             return picture.recipe
-        models, identities = self._refine_plan(cast)
+        models, identities = self._refine_plan(cast, self._refine_settings(request))
         record = self._refine_record(cast, identities, {"status": "planned", "message": "", "faces_found": 0})
-        return self._refined_recipe(picture, record, {r: m.sha256 for r, m in models.items()})
+        options = {key: getattr(request, key) for key in REFINE_OPTIONS}
+        return self._refined_recipe(picture, record, {r: m.sha256 for r, m in models.items()}, options)
 
     def check_cast(self, request: GenerateRequest) -> None:
         """Refuse now (IdentityError) if an identity of ``request`` is unknown, revoked or made by another
         recognizer: consent is checked when work starts, not only when it was planned."""
         if request.identity:
-            self._refine_plan(self._cast(request))
+            self._refine_plan(self._cast(request), self._refine_settings(request))
 
     def rebase(self, draft: Draft, request: GenerateRequest) -> Draft:
         """A stored draft as the draft of ``request`` (several requests share a draft when only the
@@ -173,6 +193,8 @@ class Studio:
         return draft, inputs, pipeline
 
     def _draft_request(self, request: GenerateRequest) -> tuple[DraftRequest, dict[str, Any]]:
+        if request.template is not None:
+            request = self._template_draft(request)
         face = self._face_condition(request)
         draft, inputs = build_draft_request(request, self.catalogue, self.config, self.cache, face)
         check_draft(draft)
@@ -210,10 +232,15 @@ class Studio:
         select: str | None = None,
         index: int = 0,
         match: str | None = None,
+        template: str | None = None,
     ) -> Refined:
-        """Swap the faces ``cast`` names (``anna``, ``0=anna,1=kenji``) in ``picture``; check each result."""
+        """Swap the faces ``cast`` names (``anna``, ``0=anna,1=kenji``) in ``picture``; check each result.
+
+        ``template``: a template's name; ``cast`` then maps its slots, matched to the picture's faces."""
         if not isinstance(cast, Cast):
             cast = Cast.parse(cast, select=select, index=index, match=match)  # type: ignore[arg-type]
+        if template is not None:
+            cast = self._on_template(cast, template)
         if not isinstance(picture, Draft):
             picture = Draft(
                 np.ascontiguousarray(picture), Recipe(request={}, config={}, models={}, source={})
@@ -256,7 +283,7 @@ class Studio:
         # 1. check everything before any work: models, licences, identities (consent), the output folder
         with _timed(timings, "load"):
             plan = self._plan(request)
-            setup = self._refine_setup(self._cast(request)) if self.refines(request) else None
+            setup = self._refine_setup(self._cast(request), request) if self.refines(request) else None
             sink, config_file = self._start_sink(None, request.to_dict())  # the run's request, kept first
         # 2. draft → refine → gate (→ re-roll) → save, image by image (interrupted: finished ones are kept)
         run = _RunLog(sink)
@@ -286,10 +313,15 @@ class Studio:
         return run.result(config_file, timings, self._notes(refining=setup is not None))
 
     def refine_files(self, paths: list[Path], request: GenerateRequest) -> GenerateResult:
-        """Refine existing pictures (e.g. a master creative) onto ``request.identity``; never overwrites."""
+        """Refine existing pictures (e.g. a master creative) onto ``request.identity``; never overwrites.
+
+        With ``request.template`` and no ``paths``, the template's master picture is refined."""
         timings: dict[str, float] = {}
         with _timed(timings, "load"):
-            setup = self._refine_setup(self._cast(request))
+            cast = self._cast(request)
+            if not paths and cast.template is not None:
+                paths = [self.templates.image_path(cast.template)]
+            setup = self._refine_setup(cast, request)
             sink, config_file = self._start_sink(None, request.to_dict())
         run = _RunLog(sink)
         for path in paths:
@@ -302,7 +334,8 @@ class Studio:
         """Content-check ``picture``, refine it when ``request`` names a cast, and judge the result.
 
         A picture the content check blocks is not refined (no refine compute is spent on it)."""
-        setup = self._refine_setup(self._cast(request)) if picture.source or self.refines(request) else None
+        refines = picture.source or self.refines(request)
+        setup = self._refine_setup(self._cast(request), request) if refines else None
         judged = self._judged(picture, setup, {}, None, "")
         return judged.refined or judged.picture, judged.verdict
 
@@ -363,6 +396,29 @@ class Studio:
             replace=replace,
         )
 
+    def add_template(self, name: str, image_path: Path, replace: bool = False) -> Template:
+        """Store ``image_path`` as template ``name``: its faces, found and embedded by the refine stage's
+        detector and recognizer, become slots 0, 1, ... in left-to-right order."""
+        # 1. the name and the picture first: no model is loaded for a name or file that cannot be used
+        validate_template_name(name)
+        image = read_image(Path(image_path), max_pixels=self.config.images.max_pixels)  # HxWx3 uint8 BGR
+        # 2. the faces and their embeddings, as refine sees them
+        refine_config = self.config.refine
+        detector = resolve(refine_config.detector, "detector", self.config, self.catalogue)
+        recognizer = resolve(refine_config.recognizer, "recognizer", self.config, self.catalogue)
+        faces = detect_faces(image, load_face_model(detector, self.config, self.cache), refine_config.detect)
+        if not faces:
+            raise TemplateError(
+                f"No face found in {image_path} (detector threshold {refine_config.detect.threshold:g}).",
+                fix="use a picture in which every person's face is visible and at least "
+                f"refine.detect.min_face {refine_config.detect.min_face} px.",
+            )
+        embeddings = embed_faces(image, faces, load_face_model(recognizer, self.config, self.cache))
+        # 3. saved with a copy of the picture (atomically)
+        size = (image.shape[1], image.shape[0])  # width, height
+        return self.templates.add(name, Path(image_path), faces, embeddings, size=size,
+                                  recognizer_sha256=recognizer.sha256, replace=replace)  # fmt: skip
+
     # -- internals ---------------------------------------------------------------------------------
 
     def refines(self, request: GenerateRequest) -> bool:
@@ -376,15 +432,57 @@ class Studio:
         return True
 
     def _cast(self, request: GenerateRequest) -> Cast:
+        """The request's cast; on a template, loaded and checked against its slots (no model is loaded)."""
+        if not request.identity and request.template is not None:
+            raise TemplateError(
+                f"--template {request.template} needs a cast for its slots.",
+                fix="pass --cast 0=anna,1=kenji (slots: `studio template show NAME`).",
+            )
         if not request.identity:
             raise InputError("Refining needs --identity NAME (or 0=anna,1=kenji).", fix="pass --identity.")
-        return Cast.parse(
+        cast = Cast.parse(
             request.identity, select=request.select, index=request.face_index, match=request.match
         )
+        return cast if request.template is None else self._on_template(cast, request.template)
 
-    def _refine_plan(self, cast: Cast) -> tuple[dict[str, ResolvedModel], dict[str, Identity]]:
+    def _on_template(self, cast: Cast, name: str) -> Cast:
+        """``cast`` on template ``name``: its numbers are the template's slots, every one mapped once."""
+        template = self.templates.load(name)
+        check_template_cast(template, cast.spec)
+        return replace(cast, template=template)
+
+    def _template_draft(self, request: GenerateRequest) -> GenerateRequest:
+        """A template request as the draft stage takes it: its cast checked against the slots, and drafted
+        img2img from the master (so faces land on the slots) unless it brings an init image or pose."""
+        template = self._cast(request).template
+        if request.init_image is not None or request.pose is not None or template is None:
+            return request
+        return replace(request, init_image=self.templates.image_path(template))
+
+    def _refine_settings(self, request: GenerateRequest | None) -> RefineConfig:
+        """The config's refine section with ``request``'s refine options (processors, blend, masks)."""
+        settings = self.config.refine
+        if request is None:
+            return settings
+        mask = replace(
+            settings.mask,
+            occlusion=settings.mask.occlusion if request.occlusion is None else request.occlusion,
+            regions=settings.mask.regions if request.regions is None else request.regions,
+        )
+        return replace(
+            settings,
+            processors=request.processors or settings.processors,
+            blend=request.blend or settings.blend,
+            mask=mask,
+        )
+
+    def _refine_plan(
+        self, cast: Cast, settings: RefineConfig
+    ) -> tuple[dict[str, ResolvedModel], dict[str, Identity]]:
         """The refine models (resolved, licence applied; not loaded) and identities (consent checked now)."""
-        models = refine_models(self.config, self.catalogue)
+        models = self._refine_models(settings)
+        if cast.template is not None:
+            check_template_recognizer(cast.template, models["recognizer"].sha256)
         library, recognizer, purpose = (
             self.identities,
             models["recognizer"].sha256,
@@ -392,18 +490,30 @@ class Studio:
         )
         return models, {n: library.get(n, recognizer_sha256=recognizer, purpose=purpose) for n in cast.names}
 
-    def _refine_setup(self, cast: Cast) -> _RefineSetup:
+    def _refine_models(self, settings: RefineConfig) -> dict[str, ResolvedModel]:
+        """``refine_models`` for ``settings``, resolved again only when a model file changed on disk (its
+        size, mtime or inode): a checksum verified once holds while the file stays the same."""
+        key = ("refine-models", settings)
+        kept = self._resolved.get(key)
+        if kept is not None and kept[0] == _file_stamps(kept[1]):
+            return kept[1]
+        models = refine_models(self.config, self.catalogue, settings)
+        self._resolved[key] = (_file_stamps(models), models)
+        return models
+
+    def _refine_setup(self, cast: Cast, request: GenerateRequest | None = None) -> _RefineSetup:
         """Models (checked, licence applied, loaded) and identities (consent checked as work starts)."""
-        models, identities = self._refine_plan(cast)
-        loaded = load_face_models(models, self.config, self.cache)
-        return _RefineSetup(cast, loaded, identities, {r: m.sha256 for r, m in models.items()})
+        settings = self._refine_settings(request)
+        models, identities = self._refine_plan(cast, settings)
+        loaded = load_face_models(models, self.config, self.cache, settings)
+        options = {key: None if request is None else getattr(request, key) for key in REFINE_OPTIONS}
+        digests = {r: m.sha256 for r, m in models.items()}
+        return _RefineSetup(cast, loaded, identities, settings, options, digests)
 
     def _refine(self, picture: Draft, setup: _RefineSetup) -> Refined:
-        result = refine(
-            picture.image, setup.cast, setup.identities, setup.models, self.config.refine, self.cache
-        )
+        result = refine(picture.image, setup.cast, setup.identities, setup.models, setup.settings, self.cache)
         record = self._refine_record(setup.cast, setup.identities, result.to_recipe())
-        recipe = self._refined_recipe(picture, record, setup.model_digests)
+        recipe = self._refined_recipe(picture, record, setup.model_digests, setup.options)
         return Refined(result.image, recipe, result.status, result.message, result.qa, picture.source)
 
     def _refine_record(
@@ -416,19 +526,32 @@ class Studio:
             match=cast.match,
             identities={n: identities[n].file_sha256 for n in cast.names},
             **outcome,
+            template=None if cast.template is None else _template_record(cast.template),
         )
 
     def _refined_recipe(
-        self, picture: Draft, record: RefineRecord, model_digests: Mapping[str, str]
+        self,
+        picture: Draft,
+        record: RefineRecord,
+        model_digests: Mapping[str, str],
+        options: Mapping[str, Any],
     ) -> Recipe:
+        """The recipe of a refined picture; ``options``: the request's refine options (REFINE_OPTIONS)."""
         models = {f"refine.{role}": sha for role, sha in model_digests.items()}
         if picture.recipe.draft is not None:  # a fresh draft: one recipe with both stages
             draft = picture.recipe
             return replace(draft, refine=record, models={**draft.models, **models})
         cast = Cast.parse(record.cast, select=record.select, index=record.face_index, match=record.match)
+        template = record.template["name"] if record.template else None
         request = GenerateRequest(
-            prompt="", identity=cast.text, select=cast.select, face_index=cast.index, match=cast.match
-        )  # type: ignore[arg-type]
+            prompt="",
+            identity=cast.text,
+            select=cast.select,  # type: ignore[arg-type]
+            face_index=cast.index,
+            match=cast.match,
+            template=template,
+            **options,
+        )
         return replace(
             picture.recipe,
             request=request.to_dict(),
@@ -560,6 +683,19 @@ class _Judged:
     verdict: Verdict
 
 
+def _file_stamps(models: Mapping[str, ResolvedModel]) -> tuple[tuple[int, ...], ...]:
+    """(size, mtime, inode) of each resolved model file: what a replaced or edited file changes."""
+    stamps = []
+    for model in models.values():
+        try:
+            stat = Path(model.location).stat()
+        except OSError:
+            stamps.append(())
+            continue
+        stamps.append((stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    return tuple(stamps)
+
+
 class _RunLog:
     """What one run wrote: passing outputs, outputs that failed QA (apart, marked), statuses."""
 
@@ -624,6 +760,11 @@ def _check_inputs_unchanged(inputs: Mapping[str, Mapping[str, str]]) -> None:
                 f"The {key} file {path} is missing or changed since the image was made.",
                 fix="restore the original file at that path.",
             )
+
+
+def _template_record(template: Template) -> dict[str, str]:
+    """What a recipe keeps of a template: its name and the digests of its file and master picture."""
+    return {"name": template.name, "sha256": template.file_sha256, "image_sha256": template.image_sha256}
 
 
 def _stem(result: Draft | Refined) -> str:

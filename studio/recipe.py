@@ -74,6 +74,7 @@ class RefineRecord:
     qa: tuple[Mapping[str, Any], ...] = ()
     upscaled: tuple[bool, ...] = ()
     timings_ms: Mapping[str, float] = field(default_factory=dict)
+    template: Mapping[str, str] | None = None  # name, sha256 (template file), image_sha256 (its master)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,8 @@ class Recipe:
             refine = {
                 k: getattr(self.refine, k) for k in ("cast", "select", "face_index", "match", "identities")
             }
+            if self.refine.template is not None:  # only then: recipes without a template keep their ids
+                refine["template"] = self.refine.template
         # a draft's seed and batch are in its draft record: the request's seed, count and batch size then
         # say nothing more (image k of a batch, reproduced alone, keeps its id and so its watermark)
         request = (
@@ -315,6 +318,9 @@ def _refine_differences(before: RefineRecord | None, after: RefineRecord | None)
     if before is None or after is None:
         return []
     found = []
+    was, now = (r.template.get("sha256") if r.template else None for r in (before, after))
+    if was != now:
+        found.append(f"template: file sha256 {_short(was)} then, {_short(now)} now (added again?)")
     for name, was in before.identities.items():
         now = after.identities.get(name)
         if was != now:

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studio.config import MAX_BATCH, FaceSelect, bounds, check_value
+from studio.config import MAX_BATCH, BlendMode, FaceRegion, FaceSelect, ProcessorName, bounds, check_value
 from studio.errors import InputError
 from studio.types import FaceAdapterKind, PoseSource, Sampler
 
 MAX_SEED = 2**32 - 1
+REFINE_OPTIONS = ("processors", "blend", "occlusion", "regions")  # a request's refine settings
+_NEWER_KEYS = ("template", *REFINE_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,12 @@ class GenerateRequest:
     match: str | None = None  # with select = "similarity": the reference identity
     adapter: FaceAdapterKind | None = None  # steer the draft itself toward --identity
     adapter_scale: float | None = field(default=None, metadata=bounds(0.0, 2.0))  # default: adapter.scale
+    template: str | None = None  # a multi-person template: ``identity`` then maps its slots (0=anna,1=kenji)
+    # refine options (default: the config's refine section)
+    processors: tuple[ProcessorName, ...] | None = None  # face processors, in order: swap, enhance
+    blend: BlendMode | None = None  # alpha (feathered) or poisson (seamless clone)
+    occlusion: bool | None = None  # leave what covers a face (hand, glasses) as it is: refine.occluder
+    regions: tuple[FaceRegion, ...] | None = None  # keep only these face-parser regions (): no parser
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(GenerateRequest)
@@ -65,6 +73,11 @@ class GenerateRequest:
         data["loras"] = [[name, weight] for name, weight in self.loras]
         for key in ("pose", "init_image"):
             data[key] = None if data[key] is None else str(data[key])
+        for key in _NEWER_KEYS:  # kept out when unset: recipes made before these options keep their ids
+            if data[key] is None:
+                del data[key]
+            elif isinstance(data[key], tuple):
+                data[key] = list(data[key])
         return data
 
     @classmethod
@@ -75,6 +88,8 @@ class GenerateRequest:
         values["loras"] = tuple((str(n), float(w)) for n, w in values.get("loras", ()))
         for key in ("pose", "init_image"):
             values[key] = None if values.get(key) is None else Path(values[key])
+        for key in ("processors", "regions"):
+            values[key] = None if values.get(key) is None else tuple(values[key])
         return cls(**values)
 
 

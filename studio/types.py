@@ -27,6 +27,9 @@ ModelKind = Literal[
     "adapter",
     "annotator",
     "safety",
+    "occluder",
+    "parser",
+    "enhancer",
 ]
 MODEL_KINDS: tuple[ModelKind, ...] = get_args(ModelKind)
 

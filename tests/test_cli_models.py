@@ -93,4 +93,4 @@ def test_make_tiny_builds_a_verified_kit(tmp_path: Path) -> None:
         f"models.dir={str(tmp_path / 'models')!r}",
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count(": present") == 16
+    assert proc.stdout.count(": present") == 20

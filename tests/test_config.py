@@ -94,7 +94,8 @@ def test_default_toml_equals_the_dataclass_defaults() -> None:
     for section in ("models", "runtime", "performance", "images", "draft", "refine", "adapter"):
         from_dataclass = type(getattr(default, section))()  # every field at its dataclass default
         from_file = getattr(default, section)
-        for name in ("dir", "identities_dir"):  # loading expands ~; the dataclass keeps the raw default
+        # loading expands ~; the dataclass keeps the raw default
+        for name in ("dir", "identities_dir", "templates_dir"):
             if hasattr(from_dataclass, name):
                 raw = getattr(from_dataclass, name)
                 from_dataclass = dataclasses.replace(from_dataclass, **{name: raw.expanduser()})

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from skimage import data
 
+import studio.faces.analysis as analysis
+import studio.pipeline as pipeline
 from studio.config import MaskConfig, StudioConfig, load_config
-from studio.errors import IdentityError, RefineError
+from studio.errors import IdentityError, RefineError, TemplateError
 from studio.faces import load_face_models, refine_models
 from studio.faces.detect import detect_faces
 from studio.files import sha256_file
@@ -20,15 +22,18 @@ from studio.pipeline import Studio
 from studio.qa import reroll_seed
 from studio.recipe import Recipe
 from studio.request import GenerateRequest
+from studio.types import Face
 
 FAST = {"steps": 2, "width": 64, "height": 64}
 
 
 @pytest.fixture
 def config(tiny_overrides: list[str], tmp_path: Path) -> StudioConfig:
-    return load_config(
-        "tiny", overrides=[*tiny_overrides, f"refine.identities_dir={str(tmp_path / 'ids')!r}"]
-    )
+    private = [
+        f"refine.identities_dir={str(tmp_path / 'ids')!r}",
+        f"refine.templates_dir={str(tmp_path / 'tpl')!r}",
+    ]
+    return load_config("tiny", overrides=[*tiny_overrides, *private])
 
 
 @pytest.fixture
@@ -180,3 +185,82 @@ def test_a_passing_reroll_is_written_normally(config: StudioConfig, photos: list
     assert len(calls) == 2 and result.failed_qa == () and len(result.outputs) == 1
     assert "content: too dark" in result.statuses[0]
     assert read_metadata(result.outputs[0]).recipe["draft"]["seed"] != 42
+
+
+# --- multi-person templates (the tiny detector finds one fixed face: detection is replaced below) --------
+
+
+def _two_faces(image: np.ndarray) -> tuple[Face, ...]:
+    """The tiny fixture face in each half of a 2:1 picture, scaled to ``image``, left to right."""
+    side = image.shape[1] / 2  # each half is a square of this side
+    points = [(0.42, 0.40), (0.58, 0.40), (0.50, 0.50), (0.435, 0.60), (0.565, 0.60)]  # x, y per side
+    faces = []
+    for left in (0.0, side):
+        landmarks = np.array([[left + side * px, side * py] for px, py in points], np.float32)  # (5, 2) px
+        box = (left + 0.3 * side, 0.22 * side, left + 0.7 * side, 0.72 * side)
+        faces.append(Face(box=box, landmarks=landmarks, score=0.99))
+    return tuple(faces)
+
+
+@pytest.fixture
+def duo(studio: Studio, photos: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Template 'duo' (a 512x256 master, two faces) and identity kenji; refine's detector lists the two
+    faces in a different order on every call, as a real one may across a batch."""
+    studio.enrol("kenji", photos[:1], consent="release #124")
+    half = cv2.resize(data.astronaut()[:, :, ::-1], (256, 256))  # RGB -> BGR
+    master = tmp_path / "duo.png"
+    write_image(master, np.concatenate([half, half], axis=1))  # 256x512x3: the same face twice
+    calls = iter(range(1000))
+
+    def shuffled(image: np.ndarray, detector: object, settings: object) -> tuple[Face, ...]:
+        return _two_faces(image)[:: 1 if next(calls) % 2 else -1]  # reversed on the 1st, 3rd, ... call
+
+    monkeypatch.setattr(pipeline, "detect_faces", lambda image, detector, settings: _two_faces(image))
+    monkeypatch.setattr(analysis, "detect_faces", shuffled)
+    assert len(studio.add_template("duo", master).slots) == 2
+    return master
+
+
+def test_refine_on_a_template_maps_slots_and_records_the_template(studio: Studio, duo: Path) -> None:
+    result = studio.refine_files([], GenerateRequest(prompt="", identity="0=anna,1=kenji", template="duo"))
+    assert (
+        "2 faces found, template 'duo': slot 0 = face 1 -> anna, slot 1 = face 0 -> kenji"
+        in result.statuses[0]
+    )
+    recipe = read_metadata(result.outputs[0]).recipe
+    template = studio.templates.path_for("duo")
+    assert recipe["refine"]["template"] == {"name": "duo", "sha256": sha256_file(template),
+                                            "image_sha256": sha256_file(duo)}  # fmt: skip
+    assert recipe["request"]["template"] == "duo" and recipe["refine"]["cast"] == "0=anna,1=kenji"
+    assert recipe["source"]["path"] == str(studio.templates.image_path(studio.templates.load("duo")))
+    changed = np.abs(read_image(result.outputs[0]).astype(int) - read_image(duo).astype(int)).max(axis=2) > 0
+    assert changed[:, :256].any() and changed[:, 256:].any()  # both people re-faced
+    assert studio.reproduce(result.outputs[0]).identical
+
+
+def test_generate_on_a_template_drafts_from_the_master_and_keeps_slots(studio: Studio, duo: Path) -> None:
+    request = GenerateRequest(prompt="x", identity="0=anna,1=kenji", template="duo", count=2,
+                              **{**FAST, "width": 128})  # fmt: skip
+    result = studio.generate(request)
+    first, second = (s.split(", template 'duo': ")[1] for s in result.statuses)
+    assert first.startswith("slot 0 = face 1 -> anna, slot 1 = face 0 -> kenji")  # detected right to left...
+    assert second.startswith("slot 0 = face 0 -> anna, slot 1 = face 1 -> kenji")  # ...then left to right
+    recipe = read_metadata(result.outputs[0]).recipe
+    assert recipe["draft"]["inputs"]["init_image"]["sha256"] == sha256_file(duo)  # img2img from the master
+    assert recipe["refine"]["template"]["name"] == "duo"
+
+
+def test_a_cast_that_does_not_fit_the_template_fails_before_any_model_loads(
+    studio: Studio, duo: Path
+) -> None:
+    fresh = Studio(studio.config)
+    loaded = dict(fresh.cache.loads)
+    wrong = GenerateRequest(prompt="x", identity="0=anna,1=kenji,2=anna", template="duo", **FAST)
+    for run in (fresh.planned_recipe, fresh.generate, lambda r: fresh.refine_files([], r)):
+        with pytest.raises(TemplateError, match="Template 'duo' has 2 slots but the cast maps 3: 0=anna"):
+            run(wrong)
+    with pytest.raises(TemplateError, match="did you mean 'duo'"):
+        fresh.planned_recipe(replace(wrong, template="dou"))
+    with pytest.raises(TemplateError, match="needs a cast for its slots"):
+        fresh.planned_recipe(replace(wrong, identity=None))
+    assert dict(fresh.cache.loads) == loaded  # no model was loaded

@@ -5,7 +5,8 @@
     [defaults]   any generate option (style, negative, steps, cfg, sampler, width, height, loras, ...)
     [axes]       name = [values]: combined as a cartesian product; a table of equal-length lists is a zip
                  group whose values vary together (locale with its identity)
-    [[jobs]]     kind = "generate" (prompt, optional pose / init_image) or "refine" (image, identity)
+    [[jobs]]     kind = "generate" (prompt, optional pose / init_image / template) or "refine" (image or
+                 template, identity)
 
 Every string of a job and of ``[defaults]`` may use ``{axis}`` variables; a job expands over the axes it
 uses. Every error names the file, the key and the fix. The syntax is documented in docs/campaigns.md.
@@ -32,7 +33,7 @@ _CAMPAIGN_KEYS = ("name", "max_rerolls", "seed", "seeds")
 OPTIONS = (
     "negative", "style", "width", "height", "steps", "cfg", "sampler", "loras", "pose", "pose_source",
     "control_model", "control_scale", "control_start", "control_end", "init_image", "strength",
-    "identity", "select", "face_index", "match", "adapter", "adapter_scale",
+    "identity", "select", "face_index", "match", "adapter", "adapter_scale", "template",
 )  # fmt: skip
 _PATHS = ("pose", "init_image", "image")  # relative to the manifest's folder
 _JOB_KEYS = ("name", "kind", "prompt", "image", "seeds", "rows", "columns", *OPTIONS)
@@ -64,7 +65,7 @@ class Job:
     kind: JobKind
     prompt: str  # a template; "" for refine jobs
     options: Mapping[str, Any]  # generate options (templates), paths resolved against the manifest
-    image: str | None = None  # refine: the master image (a template)
+    image: str | None = None  # refine: the master image (a string template); None: the template's master
     seeds: tuple[int, ...] = ()  # generate: the seeds of every combination
     rows: str | None = None  # report: the axis down the contact sheet
     columns: str | None = None  # report: the axis across it
@@ -221,7 +222,7 @@ def _jobs(
             image, job_seeds = None, _seeds(entry, key, where, default=seeds)
         else:
             prompt, job_seeds = "", ()
-            image = _path(where.string(entry, "image", key, required=True), folder)
+            image = _refine_image(entry, options, key, folder, where)
             if not options.get("identity"):
                 raise where.error(
                     f"{key}.identity", "a refine job needs a cast", 'e.g. identity = "0={identity}"'
@@ -233,6 +234,21 @@ def _jobs(
         columns = where.string(entry, "columns", key, default="") or None
         jobs.append(Job(name, kind, prompt, options, image, job_seeds, rows, columns))  # type: ignore[arg-type]
     return tuple(jobs)
+
+
+def _refine_image(
+    entry: Mapping[str, Any], options: Mapping[str, Any], key: str, folder: Path, where: _Where
+) -> str | None:
+    """A refine job's picture: its ``image``, or None to refine its ``template``'s master picture."""
+    if "image" not in entry and options.get("template"):
+        return None
+    if "image" not in entry:
+        raise where.error(
+            f"{key}.image",
+            "is missing",
+            'add image = "master.png", or template = "NAME" (studio template add)',
+        )
+    return _path(where.string(entry, "image", key, required=True), folder)
 
 
 def _path(value: Any, folder: Path) -> Any:

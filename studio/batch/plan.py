@@ -120,6 +120,8 @@ def _item(
             prompt=job.prompt, variables=variables, seed=seed if seed is not None else 0, **options
         )
         source = Path(_fill(job.image, variables)) if job.image else None
+        if job.kind == "refine" and source is None:  # a template's master picture (checked as it loads)
+            source = studio.templates.image_path(studio.templates.load(str(request.template)))
         recipe = studio.planned_recipe(request, source=source)
     except StudioError as err:
         raise ManifestError(f"{where}: {err.problem}", fix=err.fix or "correct the manifest.") from err

@@ -17,7 +17,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from studio.config import FaceSelect, StudioConfig, limits, load_config
+from studio.config import BlendMode, FaceSelect, StudioConfig, limits, load_config
 from studio.request import GenerateRequest
 
 _IMPORTED = time.perf_counter()
@@ -33,13 +33,52 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show progress lo
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object (for scripts).")]
 Identity = Annotated[
     str | None,
-    typer.Option("--identity", "-i", help="Refine faces to NAME, or 0=anna,1=kenji by face order."),
+    typer.Option(
+        "--identity",
+        "-i",
+        "--cast",
+        help="Refine faces to NAME, or 0=anna,1=kenji by face order (by slot with --template).",
+    ),
+]
+TemplateName = Annotated[
+    str | None,
+    typer.Option("--template", help="A multi-person template (studio template add): --cast maps its slots."),
 ]
 Select = Annotated[FaceSelect | None, typer.Option("--select", help="Faces a single identity goes to.")]
 FaceIndex = Annotated[
     int, typer.Option("--face-index", **limits(GenerateRequest, "face_index"), help="With --select index.")
 ]
 Match = Annotated[str | None, typer.Option("--match", help="With --select similarity: reference identity.")]
+Processors = Annotated[
+    str | None,
+    typer.Option("--processors", help="Face processors in order, e.g. swap,enhance (default: config)."),
+]
+Blend = Annotated[BlendMode | None, typer.Option("--blend", help="alpha or poisson paste (default: config).")]
+Occlusion = Annotated[
+    bool | None,
+    typer.Option("--occlusion/--no-occlusion", help="Leave hands, glasses... in front of a face untouched."),
+]
+Regions = Annotated[
+    str | None,
+    typer.Option("--regions", help="Keep only these face regions, e.g. skin,nose,mouth ('' for none)."),
+]
+
+
+def refine_options(
+    processors: str | None, blend: BlendMode | None, occlusion: bool | None, regions: str | None
+) -> dict[str, Any]:
+    """The GenerateRequest refine fields of the --processors, --blend, --occlusion and --regions options."""
+    return {
+        "processors": None if processors is None else _names(processors),
+        "blend": blend,
+        "occlusion": occlusion,
+        "regions": None if regions is None else _names(regions),
+    }
+
+
+def _names(text: str) -> tuple[Any, ...]:
+    """``"swap, enhance"`` → ``("swap", "enhance")`` (checked by GenerateRequest against its choices)."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def setup_logging_and_config(

@@ -1,4 +1,4 @@
-"""`studio styles ...` and `studio identity ...`."""
+"""`studio styles ...`, `studio identity ...` and `studio template ...`."""
 
 from __future__ import annotations
 
@@ -21,9 +21,15 @@ from studio.cli.common import (
 
 styles_app = typer.Typer(help="Style presets (prompts/*.toml).", no_args_is_help=True)
 identity_app = typer.Typer(help="Enrolled identities (with consent records).", no_args_is_help=True)
+template_app = typer.Typer(
+    help="Multi-person templates: a master picture whose faces are numbered slots (--template NAME --cast "
+    "0=anna,1=kenji).",
+    no_args_is_help=True,
+)
 
 if TYPE_CHECKING:
     from studio.faces.identity import IdentityLibrary
+    from studio.faces.template import Template, TemplateLibrary
 
 
 @styles_app.command("list")
@@ -166,3 +172,87 @@ def _library(
 
     config = setup_logging_and_config(profile, config_file, overrides, debug)
     return IdentityLibrary.for_config(config)
+
+
+@template_app.command("add")
+def template_add(
+    name: Annotated[str, typer.Argument(help="Template name (letters, digits, _ . -).")],
+    image: Annotated[Path, typer.Argument(help="The master picture; each face found becomes a slot.")],
+    replace: Annotated[bool, typer.Option("--replace", help="Replace an existing template.")] = False,
+    profile: Profile = "default",
+    config_file: ConfigFile = None,
+    overrides: Overrides = None,
+    debug: Debug = False,
+) -> None:
+    """Store a master picture as a template: its faces, left to right, become slots 0, 1, ..."""
+    studio, _ = make_studio(profile, config_file, overrides, None, debug, False)
+    template = studio.add_template(name, image, replace=replace)
+    path = studio.templates.path_for(name)
+    out.print(f"added template {template.name} with {len(template.slots)} slot(s): {path}", highlight=False)
+    _print_slots(template)
+
+
+@template_app.command("list")
+def template_list(
+    profile: Profile = "default",
+    config_file: ConfigFile = None,
+    overrides: Overrides = None,
+    debug: Debug = False,
+) -> None:
+    """List the templates."""
+    library = _templates(profile, config_file, overrides, debug)
+    table = Table("name", "slots", "size", "master sha256", "created")
+    for item in library.list():
+        table.add_row(item.name, str(len(item.slots)), f"{item.width}x{item.height}", item.image_sha256[:12],
+                      item.created)  # fmt: skip
+    out.print(table)
+
+
+@template_app.command("show")
+def template_show(
+    name: str,
+    profile: Profile = "default",
+    config_file: ConfigFile = None,
+    overrides: Overrides = None,
+    debug: Debug = False,
+) -> None:
+    """Show one template: its master picture and its slots (the numbers --cast maps)."""
+    library = _templates(profile, config_file, overrides, debug)
+    item = library.load(name)
+    out.print(f"[bold]name[/]: {item.name}")
+    out.print(f"[bold]master[/]: {escape(str(library.image_path(item)))} ({item.width}x{item.height}, "
+              f"sha256 {item.image_sha256[:12]})")  # fmt: skip
+    out.print(f"[bold]recognizer_sha256[/]: {item.recognizer_sha256}")
+    out.print(f"[bold]created[/]: {item.created}")
+    _print_slots(item)
+
+
+@template_app.command("remove")
+def template_remove(
+    name: str,
+    profile: Profile = "default",
+    config_file: ConfigFile = None,
+    overrides: Overrides = None,
+    debug: Debug = False,
+) -> None:
+    """Delete a template and its copy of the master picture."""
+    library = _templates(profile, config_file, overrides, debug)
+    library.remove(name)
+    out.print(f"removed {name}")
+
+
+def _print_slots(template: Template) -> None:
+    """One line per slot: its number (as --cast uses it) and box."""
+    for slot in template.slots:
+        x1, y1, x2, y2 = slot.box
+        out.print(f"slot {slot.index}: box {x1:.0f},{y1:.0f} - {x2:.0f},{y2:.0f} px", highlight=False)
+
+
+def _templates(
+    profile: str, config_file: Path | None, overrides: list[str] | None, debug: bool
+) -> TemplateLibrary:
+    """The template library the config points at, without a Studio: no model (library) is loaded."""
+    from studio.faces.template import TemplateLibrary
+
+    config = setup_logging_and_config(profile, config_file, overrides, debug)
+    return TemplateLibrary.for_config(config)

@@ -13,29 +13,35 @@ from rich.markup import escape
 from studio._version import __version__
 from studio.cli.campaign import campaign_app
 from studio.cli.common import (
+    Blend,
     ConfigFile,
     Debug,
     FaceIndex,
     Identity,
     Json,
     Match,
+    Occlusion,
     OutDir,
     Overrides,
+    Processors,
     Profile,
+    Regions,
     Select,
+    TemplateName,
     Verbose,
     err_console,
     make_studio,
     out,
+    refine_options,
     report,
     step_progress,
 )
-from studio.cli.library import identity_app, styles_app
+from studio.cli.library import identity_app, styles_app, template_app
 from studio.cli.models import config_app, models_app
 from studio.cli.provenance import audit_app, verify_command
 from studio.cli.web import web_command
 from studio.config import DraftConfig, limits
-from studio.errors import StudioError
+from studio.errors import InputError, StudioError
 from studio.request import GenerateRequest, parse_lora, parse_pairs
 from studio.types import FaceAdapterKind, PoseSource, Sampler
 
@@ -49,6 +55,7 @@ app = typer.Typer(help="Portrait Studio: text prompt → portrait.", pretty_exce
 app.add_typer(models_app, name="models")
 app.add_typer(styles_app, name="styles")
 app.add_typer(identity_app, name="identity")
+app.add_typer(template_app, name="template")
 app.add_typer(config_app, name="config")
 app.add_typer(campaign_app, name="campaign")
 app.add_typer(audit_app, name="audit")
@@ -128,9 +135,14 @@ def generate(
         float, typer.Option("--strength", **_limits("strength"), help="img2img: how much to change.")
     ] = 0.75,
     identity: Identity = None,
+    template: TemplateName = None,
     select: Select = None,
     face_index: FaceIndex = 0,
     match: Match = None,
+    processors: Processors = None,
+    blend: Blend = None,
+    occlusion: Occlusion = None,
+    regions: Regions = None,
     adapter: Annotated[
         FaceAdapterKind | None, typer.Option("--adapter", help="Steer the draft toward --identity.")
     ] = None,
@@ -179,6 +191,8 @@ def generate(
         match=match,
         adapter=adapter,
         adapter_scale=adapter_scale,
+        template=template,
+        **refine_options(processors, blend, occlusion, regions),
     )
     studio, startup_s = make_studio(profile, config_file, overrides, output_dir, debug, verbose)
     with step_progress(enabled=not as_json) as progress:
@@ -188,11 +202,29 @@ def generate(
 
 @app.command("refine")
 def refine_command(
-    images: Annotated[list[Path], typer.Argument(help="Existing pictures to re-face (never overwritten).")],
-    identity: Annotated[str, typer.Option("--identity", "-i", help="NAME, or 0=anna,1=kenji by face order.")],
+    identity: Annotated[
+        str,
+        typer.Option(
+            "--identity",
+            "-i",
+            "--cast",
+            help="NAME, or 0=anna,1=kenji by face order (by slot with --template).",
+        ),
+    ],
+    images: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Existing pictures to re-face (never overwritten); none: the --template's master."
+        ),
+    ] = None,
+    template: TemplateName = None,
     select: Select = None,
     face_index: FaceIndex = 0,
     match: Match = None,
+    processors: Processors = None,
+    blend: Blend = None,
+    occlusion: Occlusion = None,
+    regions: Regions = None,
     output_dir: OutDir = None,
     profile: Profile = "default",
     config_file: ConfigFile = None,
@@ -202,9 +234,21 @@ def refine_command(
     as_json: Json = False,
 ) -> None:
     """Swap faces in existing images to enrolled identities (detect, swap, upscale, blend, QA)."""
-    request = GenerateRequest(prompt="", identity=identity, select=select, face_index=face_index, match=match)
+    if not images and template is None:
+        raise InputError(
+            "No picture to refine.", fix="give IMAGE..., or --template NAME to refine its master."
+        )
+    request = GenerateRequest(
+        prompt="",
+        identity=identity,
+        select=select,
+        face_index=face_index,
+        match=match,
+        template=template,
+        **refine_options(processors, blend, occlusion, regions),
+    )
     studio, startup_s = make_studio(profile, config_file, overrides, output_dir, debug, verbose)
-    report(studio.refine_files(images, request), startup_s, as_json=as_json)
+    report(studio.refine_files(images or [], request), startup_s, as_json=as_json)
 
 
 @app.command()

@@ -1,8 +1,8 @@
 """Refine stage: detect faces, map identities, swap, upscale, blend back, check. One public entry: ``refine``.
 
-``draft/`` and ``faces/`` never import each other; ``studio.pipeline`` is where they meet. The entry and
-its model loaders live in ``stage.py`` and are re-exported here lazily, so that the light parts (the
-identity library, its file format, face selection) can be imported without any model library.
+``draft/`` and ``faces/`` never import each other; ``studio.pipeline`` is where they meet. The entry lives in
+``stage.py``, the model loaders in ``loading.py``; both are re-exported here lazily, so that the light parts
+(the identity library, its file format, face selection) can be imported without any model library.
 """
 
 from __future__ import annotations
@@ -11,15 +11,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from studio.faces.stage import (
-        FaceModels,
-        RefineResult,
-        load_face_model,
-        load_face_models,
-        load_token_encoder,
-        refine,
-        refine_models,
-    )
+    from studio.faces.loading import load_face_model, load_token_encoder
+    from studio.faces.stage import FaceModels, RefineResult, load_face_models, refine, refine_models
 
 __all__ = [
     "FaceModels",
@@ -34,5 +27,6 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        return getattr(importlib.import_module("studio.faces.stage"), name)
+        home = "loading" if name in ("load_face_model", "load_token_encoder") else "stage"
+        return getattr(importlib.import_module(f"studio.faces.{home}"), name)
     raise AttributeError(f"module 'studio.faces' has no attribute {name!r}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -21,8 +20,6 @@ from studio.types import Affine, ImageBGR, Mask
 
 logger = logging.getLogger(__name__)
 
-
-MaskHook = Callable[[ImageBGR], Mask]  # aligned crop (HxWx3 uint8 BGR) -> HxW float32 [0, 1], e.g. occlusion
 
 # ArcFace-aligned faces are taller than wide: the oval spans 85% of the crop's width and all its height.
 _ELLIPSE_WIDTH = 0.85
@@ -56,38 +53,37 @@ def crop_mask(size: int, settings: MaskConfig) -> Mask:
     return mask
 
 
-def combine_masks(base: Mask, *extra: Mask) -> Mask:
-    """The product of ``base`` and each extra mask (resized to ``base``'s shape if needed), in [0, 1]."""
-    combined = np.array(base, dtype=np.float32)  # HxW float32, a fresh writable copy
-    height, width = combined.shape
-    for index, other in enumerate(extra):
-        layer = np.asarray(other, dtype=np.float32)
-        if layer.ndim != 2 or not np.isfinite(layer).all():
-            raise InputError(
-                f"Extra mask {index} has shape {layer.shape} or non-finite values.",
-                fix="a mask hook must return an HxW float array in [0, 1].",
-            )
-        if layer.shape != combined.shape:
-            layer = cv2.resize(layer, (width, height), interpolation=cv2.INTER_LINEAR)
-        combined *= np.clip(layer, 0.0, 1.0)
-    return np.clip(combined, 0.0, 1.0, out=combined)
+LabStats = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]  # (3,) mean and (3,) std of L, a, b
 
 
-def match_colour(source: ImageBGR, target: ImageBGR, mask: Mask) -> ImageBGR:
-    """``source`` shifted to ``target``'s LAB mean and std inside ``mask`` (Reinhard colour transfer).
+def lab_stats(crop: ImageBGR, mask: Mask) -> LabStats | None:
+    """LAB mean and std of ``crop`` weighted by ``mask``; None for an empty mask (nothing to measure).
 
-    BGR -> LAB here is a model-boundary conversion: skin statistics are compared in a perceptual space.
-    An all-zero mask leaves nothing to measure (and nothing to paste): ``source`` comes back unchanged.
-    """
-    _check_same_crops(source, target, mask)
+    BGR -> LAB here is a model-boundary conversion: skin statistics are compared in a perceptual space."""
     weights = np.asarray(mask, dtype=np.float32).reshape(-1)  # HxW -> (H*W,) float32
     total = float(weights.sum(dtype=np.float64))
     if total < _MIN_WEIGHT:
+        return None
+    return _weighted_stats(_to_lab(crop), weights, total)
+
+
+def match_colour(source: ImageBGR, target: ImageBGR | LabStats | None, mask: Mask) -> ImageBGR:
+    """``source`` shifted to ``target``'s LAB mean and std inside ``mask`` (Reinhard colour transfer).
+
+    ``target``: the target crop, or its :func:`lab_stats` computed once (one picture's faces keep theirs).
+    An all-zero mask leaves nothing to measure (and nothing to paste): ``source`` comes back unchanged.
+    """
+    if isinstance(target, np.ndarray):
+        _check_same_crops(source, target, mask)
+        target = lab_stats(target, mask)
+    weights = np.asarray(mask, dtype=np.float32).reshape(-1)  # HxW -> (H*W,) float32
+    total = float(weights.sum(dtype=np.float64))
+    if target is None or total < _MIN_WEIGHT:
         logger.debug("colour match skipped: the mask is empty")
         return source.copy()
-    source_lab, target_lab = _to_lab(source), _to_lab(target)
+    source_lab = _to_lab(source)
     source_mean, source_std = _weighted_stats(source_lab, weights, total)
-    target_mean, target_std = _weighted_stats(target_lab, weights, total)
+    target_mean, target_std = target
     safe_std = np.maximum(source_std, 1e-6)
     ratio = np.where(source_std > 1e-3, np.clip(target_std / safe_std, *_STD_RATIO_RANGE), 1.0)  # (3,)
     # lab * ratio + (target_mean - source_mean * ratio), per channel, as one 3x4 matrix over L, a, b
@@ -105,27 +101,37 @@ def blend_face(
     *,
     original_crop: ImageBGR | None = None,
     colour_match: bool = True,
-    hook: MaskHook | None = None,
+    mask: Mask | None = None,
+    colour: LabStats | None = None,
+    strength: float = 1.0,
+    poisson: bool = False,
     inplace: bool = False,
 ) -> ImageBGR:
     """The canvas with ``swapped_crop`` (aligned by ``affine`` at its own size) blended onto its face.
 
     ``original_crop`` is the target's aligned crop before swapping (any size; resized to the swapped crop's):
-    the colour reference and what ``hook`` sees, since occluders and face regions belong to the target.
+    the colour reference. ``mask`` (crop space, the swapped crop's side) replaces the box/ellipse of
+    ``settings`` — e.g. :func:`studio.faces.masks.face_mask`, which also leaves occluders out — and
+    ``colour`` the reference's :func:`lab_stats`, when the caller already has them. ``strength`` < 1 mixes
+    the result with the canvas; ``poisson`` pastes with ``cv2.seamlessClone`` (in the face's ROI only).
     A new canvas comes back, or with ``inplace`` the caller's own, changed in the face's region alone.
     """
     # 1. check inputs
     size = _square_size(swapped_crop, "swapped crop")
-    reference = None if original_crop is None else _resized_crop(original_crop, size)
-    # 2. crop-space mask, narrowed by the optional hook (face parser, occlusion model)
-    mask = crop_mask(size, settings)
-    if hook is not None:
-        mask = combine_masks(mask, hook(swapped_crop if reference is None else reference))
+    if not 0.0 <= strength <= 1.0:
+        raise InputError(f"Blend strength {strength} received.", fix="pass a strength from 0 to 1.")
+    # 2. crop-space mask: the caller's (occlusion, regions), else the box or ellipse of the settings
+    mask = crop_mask(size, settings) if mask is None else mask
+    if np.shape(mask) != (size, size):
+        raise InputError(f"Mask of shape {np.shape(mask)} for a {size}-px crop.", fix="pass one of its size.")
     # 3. bring the swapped skin to the target's colour
-    if colour_match and reference is not None:
-        swapped_crop = match_colour(swapped_crop, reference, mask)
+    if colour_match and colour is not None:
+        swapped_crop = match_colour(swapped_crop, colour, mask)
+    elif colour_match and original_crop is not None:
+        swapped_crop = match_colour(swapped_crop, _resized_crop(original_crop, size), mask)
     # 4. paste back inside the face's region only
-    return paste_back(canvas, swapped_crop, affine, mask, inplace=inplace)
+    weights = mask if strength == 1.0 else np.multiply(mask, np.float32(strength))
+    return paste_back(canvas, swapped_crop, affine, weights, inplace=inplace, poisson=poisson)
 
 
 def _to_lab(image: ImageBGR) -> npt.NDArray[np.float32]:

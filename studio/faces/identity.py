@@ -95,13 +95,13 @@ class _Accepted:
 
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a valid identity name, else raise IdentityError saying why, with the rule."""
-    why = _name_problem(name)
+    why = name_problem(name)
     if why is None:
         return name
     raise IdentityError(f"Identity name {name!r} is not allowed: {why}.", fix=f"use a name of {NAME_RULE}.")
 
 
-def _name_problem(name: object) -> str | None:
+def name_problem(name: object) -> str | None:
     """Why ``name`` cannot name an identity file on every platform, or None when it can."""
     if not isinstance(name, str):
         return f"it is a {type(name).__name__}, not text"
@@ -129,12 +129,23 @@ def _name_problem(name: object) -> str | None:
 # --- the library ------------------------------------------------------------------------------
 
 
+def _stamp(path: Path) -> tuple[int, ...]:
+    """(size, mtime, inode) of ``path``, () when it is missing: what any change to it alters."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return ()
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
 class IdentityLibrary:
     """A folder of enrolled identities: enrol, load, get, list, revoke, remove."""
 
     def __init__(self, folder: Path, audit: AuditLog | None = None) -> None:
         self.folder = Path(folder).expanduser()
         self.audit = audit  # enrolments, revocations and removals are appended to it
+        # name -> ((folder stamp, file stamp), identity): a file read again only when it or the folder changed
+        self._loaded: dict[str, tuple[tuple[tuple[int, ...], tuple[int, ...]], Identity]] = {}
 
     @classmethod
     def for_config(cls, config: StudioConfig) -> IdentityLibrary:
@@ -194,8 +205,18 @@ class IdentityLibrary:
         return EnrolReport(identity, used, tuple(rejected), tuple(warnings))
 
     def load(self, name: str) -> Identity:
-        """Read and validate identity ``name`` (revoked ones included)."""
+        """Read and validate identity ``name`` (revoked ones included); a file read before is read again
+        only when it or its folder changed (a revocation, a re-enrolment, a new file beside it)."""
         path = self.path_for(name)
+        stamp = (_stamp(self.folder), _stamp(path))
+        kept = self._loaded.get(name)
+        if kept is not None and kept[0] == stamp and stamp[1]:
+            return kept[1]
+        identity = self._read(name, path)
+        self._loaded[name] = (stamp, identity)
+        return identity
+
+    def _read(self, name: str, path: Path) -> Identity:
         self._refuse_foreign_files(name)
         if not path.is_file():
             raise IdentityError(

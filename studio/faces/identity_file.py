@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 
 from studio.errors import IdentityError
-from studio.models.weights import safetensors_bytes
+from studio.models.weights import safetensors_bytes, safetensors_metadata
 from studio.types import Identity
 
 ADD_HINT = "enrol the person with `studio identity add NAME PHOTO... --consent TEXT`"
@@ -121,14 +121,9 @@ def _consent_terms(path: Path, meta: dict[str, str]) -> dict[str, object]:
 
 def _read_metadata(path: Path, data: bytes) -> dict[str, str]:
     """The safetensors header's ``__metadata__``, checked for format, version and required keys."""
-    length = int.from_bytes(data[:8], "little")  # safetensors: u64 LE header length, then a JSON header
-    try:
-        header = json.loads(data[8 : 8 + length]) if 0 < length <= len(data) - 8 else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        header = None
-    if not isinstance(header, dict):
+    meta = safetensors_metadata(data)
+    if meta is None:
         raise bad_identity_file(path, "not a safetensors file (no readable header)")
-    meta = header.get("__metadata__") or {}
     found = (meta.get("format"), meta.get("version"))
     if meta.get("format") != IDENTITY_FORMAT or meta.get("version") not in _READABLE_VERSIONS:
         raise bad_identity_file(

@@ -12,13 +12,16 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from studio.config import FaceSelect
 from studio.errors import InputError
 from studio.faces.detect import face_order_key
 from studio.faces.identity import validate_name
 from studio.types import Face
+
+if TYPE_CHECKING:  # studio.faces.template builds on this module
+    from studio.faces.template import Template
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +52,14 @@ class IdentitySpec:
 
 @dataclass(frozen=True)
 class Cast:
-    """Who goes on which face: a parsed --identity, and how a single name picks its faces."""
+    """Who goes on which face: a parsed --identity, and how a single name picks its faces (or, with a
+    template, which template slot each name goes on)."""
 
     spec: IdentitySpec
     select: FaceSelect | None = None  # None: the config's refine.select
     index: int = 0  # the face for select = "index"
     match: str | None = None  # the reference identity for select = "similarity"
+    template: Template | None = None  # slots of a template: spec numbers slots, not faces
 
     @classmethod
     def parse(

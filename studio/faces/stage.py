@@ -6,44 +6,48 @@ are imported by the loaders, when a model is first loaded, not when this module 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
-from studio.adapter.tokens import FaceTokenEncoder
-from studio.config import DetectConfig, RefineConfig, StudioConfig
-from studio.errors import ModelError
-from studio.faces.detect import detect_faces, embed_faces
+from studio.config import RefineConfig, StudioConfig
+from studio.faces.analysis import PictureAnalysis, analyse_picture
+from studio.faces.blend import blend_face
+from studio.faces.detect import ARCFACE_SIZE, embed_crops
+from studio.faces.loading import load_face_model, load_onnx_model
+from studio.faces.masks import MaskModel
+from studio.faces.processors import PROCESSORS, FaceJob, FaceProcessor, SwapProcessor
 from studio.faces.quality import FaceQA, SwapEmbeddings, assess
-from studio.faces.select import Cast, assign_faces
-from studio.faces.swap import cached_latent, refine_face
-from studio.faces.upscale import Upscaler, load_upscaler
-from studio.models.cache import ModelCache, Recent
+from studio.faces.select import Assignment, Cast, assign_faces
+from studio.faces.template import assign_template
+from studio.faces.upscale import Upscaler
+from studio.geometry import warp_to_crop
+from studio.models.cache import ModelCache
 from studio.models.catalogue import Catalogue
 from studio.models.resolve import ResolvedModel, resolve
-from studio.models.runtime import choose_device, load_insightface_model, onnx_providers
-from studio.types import Face, Identity, ImageBGR, ModelKind
+from studio.types import Identity, ImageBGR, ModelKind
 
 logger = logging.getLogger(__name__)
-
-ANALYSED_PICTURES = 16  # pictures whose faces and embeddings are kept for the next refine of the same pixels
 
 
 @dataclass(frozen=True, eq=False)
 class FaceModels:
-    """The loaded refine models (from one ModelCache) and the recognizer's checksum."""
+    """The loaded refine models (from one ModelCache): detection and recognition, the processors in order,
+    the mask models the settings ask for, and the recognizer's checksum."""
 
     detector: Any  # insightface SCRFD
     recognizer: Any  # insightface ArcFaceONNX
-    swapper: Any  # insightface INSwapper
-    upscaler: Upscaler | None
+    processors: tuple[FaceProcessor, ...]
+    occluder: MaskModel | None
+    parser: MaskModel | None
     recognizer_sha256: str
+
+    @property
+    def upscaler(self) -> Upscaler | None:
+        """The swap processor's Real-ESRGAN upscaler, if one is loaded."""
+        return next((p.upscaler for p in self.processors if isinstance(p, SwapProcessor)), None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,57 +79,42 @@ class RefineResult:
         }
 
 
-def refine_models(config: StudioConfig, catalogue: Catalogue) -> dict[str, ResolvedModel]:
-    """The models a refine run uses, resolved (checked, licence applied) before any work."""
-    refine = config.refine
+def refine_models(
+    config: StudioConfig, catalogue: Catalogue, settings: RefineConfig | None = None
+) -> dict[str, ResolvedModel]:
+    """The models a refine run uses under ``settings`` (default: the config's), resolved (checked, licence
+    applied) before any work: detector, recognizer, each processor's models, the mask models asked for."""
+    settings = settings or config.refine
     roles: dict[str, tuple[str, ModelKind]] = {
-        "detector": (refine.detector, "detector"),
-        "recognizer": (refine.recognizer, "recognizer"),
-        "swapper": (refine.swapper, "swapper"),
+        "detector": (settings.detector, "detector"),
+        "recognizer": (settings.recognizer, "recognizer"),
     }
-    if refine.upscale != "off":
-        roles["upscaler"] = (refine.upscaler, "upscaler")
+    for name in settings.processors:
+        roles.update(PROCESSORS[name].models(settings))
+    if settings.mask.occlusion:
+        roles["occluder"] = (settings.occluder, "occluder")
+    if settings.mask.regions:
+        roles["parser"] = (settings.parser, "parser")
     return {role: resolve(ref, kind, config, catalogue) for role, (ref, kind) in roles.items()}
 
 
-def load_face_model(model: ResolvedModel, config: StudioConfig, cache: ModelCache) -> Any:
-    """One insightface model (detector, recognizer or swapper), loaded once per process."""
-    providers, threads = onnx_providers(config.runtime.onnx_providers), config.runtime.threads
-    key = ("insightface", model.sha256, tuple(providers), threads)
-    return cache.get(key, lambda: load_insightface_model(model.path, providers, threads))
-
-
-def load_token_encoder(model: ResolvedModel, config: StudioConfig, cache: ModelCache) -> FaceTokenEncoder:
-    """The recognizer graph with its face-token output exposed (for enrolment), built once per process."""
-    providers, threads = onnx_providers(config.runtime.onnx_providers), config.runtime.threads
-    key = ("face-tokens", model.sha256, tuple(providers), threads)
-    return cache.get(key, lambda: FaceTokenEncoder(model.path, providers, threads))
-
-
 def load_face_models(
-    models: Mapping[str, ResolvedModel], config: StudioConfig, cache: ModelCache
+    models: Mapping[str, ResolvedModel],
+    config: StudioConfig,
+    cache: ModelCache,
+    settings: RefineConfig | None = None,
 ) -> FaceModels:
-    """Load (once per process) the detector, recognizer, swapper and upscaler of ``refine_models``."""
-    upscaler = None
-    if "upscaler" in models:
-        model, device = models["upscaler"], choose_device(config.runtime.device)
-        if model.entry is None:
-            raise ModelError(
-                f"The upscaler {model.ref!r} is not catalogued; its architecture comes from the catalogue.",
-                fix="catalogue it in configs/models.toml (see realesrgan_x2plus) and name that entry.",
-            )
-        upscaler = cache.get(
-            ("upscaler", model.sha256, str(device), config.refine.upscale_tile),
-            lambda: load_upscaler(
-                model.entry,
-                model.path,
-                tile=config.refine.upscale_tile,
-                device=device,
-                half=device.type == "cuda",
-            ),
-        )
-    loaded = [load_face_model(models[role], config, cache) for role in ("detector", "recognizer", "swapper")]
-    return FaceModels(*loaded, upscaler=upscaler, recognizer_sha256=models["recognizer"].sha256)
+    """Load (once per process) the models of ``refine_models`` and prepare the processors."""
+    settings = settings or config.refine
+    detector, recognizer = (
+        load_face_model(models[role], config, cache) for role in ("detector", "recognizer")
+    )
+    processors = tuple(PROCESSORS[name].load(models, config, settings, cache) for name in settings.processors)
+    occluder, parser = (
+        _mask_model(models[role], config, cache, default) if role in models else None
+        for role, default in (("occluder", 256), ("parser", 512))
+    )
+    return FaceModels(detector, recognizer, processors, occluder, parser, models["recognizer"].sha256)
 
 
 def refine(
@@ -136,42 +125,37 @@ def refine(
     settings: RefineConfig,
     cache: ModelCache,
 ) -> RefineResult:
-    """Swap the faces ``cast`` maps onto their identities; never onto a face the mapping cannot place."""
+    """Run the processors on the faces ``cast`` maps onto identities; never on a face it cannot place."""
     timings: dict[str, float] = {}
-    # 1. detect, in a stable left-to-right order, and embed the original faces (selection and QA baseline)
+    # 1. detect (stable left-to-right order) and embed, once per picture: selection and QA baseline
     start = time.perf_counter()
-    faces, before = analyse_faces(image, models, settings.detect, cache)  # before: (N, 512) L2-normed
+    analysis = analyse_picture(
+        image, models.detector, models.recognizer, models.recognizer_sha256, settings.detect, cache
+    )
+    faces, before = analysis.faces, analysis.embeddings  # before: (N, 512) L2-normed
     timings["detect"] = _ms(start)
     # 2. map identities onto faces; an image the mapping does not fit is left untouched
-    reference = identities[cast.match] if cast.match else None
-    similarity = None if reference is None else (lambda i: float(before[i] @ reference.embedding))
-    mode = cast.select or settings.select
-    assignment = assign_faces(faces, cast.spec, mode, index=cast.index, similarity=similarity)
+    assignment = _assign(image, cast, identities, settings, analysis)
     if assignment.status != "ok":
         return RefineResult(image, assignment.status, assignment.message, len(faces), timings=timings)
-    # 3. swap (+ upscale) and blend each assigned face into one working canvas
-    start = time.perf_counter()
-    canvas, upscaled = image.copy(), []
-    for face_index, name in assignment.pairs:
-        identity = identities[name]
-        latent = cached_latent(cache, _identity_key(identity), identity.embedding, models.swapper)
-        canvas, stats = refine_face(
-            canvas,
-            faces[face_index],
-            latent,
-            models.swapper,
-            settings,
-            upscaler=models.upscaler,
-            inplace=True,
-        )
-        upscaled.append(stats.upscaled)
-    timings["swap"] = _ms(start)
+    jobs = [FaceJob(i, faces[i], identities[name]) for i, name in assignment.pairs]
+    # 3. each processor on every assigned face (one batch per picture), pasted into one working canvas
+    canvas, upscaled = image.copy(), [False] * len(jobs)
+    for step, processor in enumerate(models.processors):
+        start = time.perf_counter()
+        grown = _run_processor(processor, canvas, image, jobs, analysis, models, settings, first=step == 0)
+        upscaled = [a or b for a, b in zip(upscaled, grown, strict=True)]
+        timings[processor.name] = _ms(start)
     # 4. QA: ArcFace similarity of each result face (and of the original) to its identity
     start = time.perf_counter()
-    after = embed_faces(canvas, [faces[i] for i, _ in assignment.pairs], models.recognizer)
+    qa_crops = [
+        warp_to_crop(canvas, analysis.alignment(job.index, "arcface", ARCFACE_SIZE), ARCFACE_SIZE)
+        for job in jobs
+    ]
+    after = embed_crops(qa_crops, models.recognizer)
     swaps = [
-        SwapEmbeddings(i, name, identities[name].embedding, before[i], after[k])
-        for k, (i, name) in enumerate(assignment.pairs)
+        SwapEmbeddings(job.index, job.identity.name, job.identity.embedding, before[job.index], after[k])
+        for k, job in enumerate(jobs)
     ]
     qa = tuple(assess(swaps, min_similarity=settings.min_similarity))
     timings["qa"] = _ms(start)
@@ -180,25 +164,69 @@ def refine(
     return RefineResult(canvas, status, message, len(faces), qa, tuple(upscaled), timings)
 
 
-def analyse_faces(
-    image: ImageBGR, models: FaceModels, settings: DetectConfig, cache: ModelCache
-) -> tuple[tuple[Face, ...], npt.NDArray[np.float32]]:
-    """The faces in ``image`` and their embeddings, computed once per picture: every identity and slot map
-    applied to one draft shares them (a small LRU of recent pictures, keyed by their pixels)."""
-    digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest()
-    key = (digest, image.shape, id(models.detector), models.recognizer_sha256, settings)
-    recent = cache.get(("face-analyses",), lambda: Recent(ANALYSED_PICTURES))
-    found = recent.get(key)
-    if found is None:
-        faces = detect_faces(image, models.detector, settings)
-        found = recent.put(key, (faces, embed_faces(image, faces, models.recognizer)))
-    return found
+def _assign(
+    image: ImageBGR,
+    cast: Cast,
+    identities: Mapping[str, Identity],
+    settings: RefineConfig,
+    analysis: PictureAnalysis,
+) -> Assignment:
+    """Which face becomes whom: template slots (position and embedding), else the cast's selection."""
+    faces, before = analysis.faces, analysis.embeddings
+    if cast.template is not None:  # image.shape: H, W, 3
+        return assign_template(cast.template, faces, before, (image.shape[1], image.shape[0]), cast.spec)
+    reference = identities[cast.match] if cast.match else None
+    similarity = None if reference is None else (lambda i: float(before[i] @ reference.embedding))
+    mode = cast.select or settings.select
+    return assign_faces(faces, cast.spec, mode, index=cast.index, similarity=similarity)
 
 
-def _identity_key(identity: Identity) -> str:
-    """Identity name plus a digest of its embedding: a re-enrolled identity gets a fresh latent."""
-    digest = hashlib.sha256(np.ascontiguousarray(identity.embedding, dtype=np.float32).tobytes()).hexdigest()
-    return f"{identity.name}:{digest[:16]}"
+def _run_processor(
+    processor: FaceProcessor,
+    canvas: ImageBGR,
+    image: ImageBGR,
+    jobs: list[FaceJob],
+    analysis: PictureAnalysis,
+    models: FaceModels,
+    settings: RefineConfig,
+    *,
+    first: bool,
+) -> list[bool]:
+    """Cut every job's crop, process them as one batch, paste each into ``canvas`` (in place) through its
+    mask. The first processor reads the untouched picture, whose crops the analysis already keeps.
+    Returns, per job, whether the processor handed back a larger crop than it read (upscaled)."""
+    template, size = processor.template, processor.size
+    affines = [analysis.alignment(job.index, template, size) for job in jobs]
+    crops = [
+        analysis.original(image, job.index, template, size) if first else warp_to_crop(canvas, affine, size)
+        for job, affine in zip(jobs, affines, strict=True)
+    ]
+    results = processor.process(crops, jobs)
+    for job, result in zip(jobs, results, strict=True):
+        side = int(result.shape[0])
+        mask = analysis.mask(
+            image, job.index, template, side, settings.mask, (models.occluder, models.parser)
+        )
+        colour = analysis.colour(image, job.index, template, side, mask) if processor.colour_match else None
+        blend_face(
+            canvas,
+            result,
+            analysis.alignment(job.index, template, side),
+            settings.mask,
+            colour_match=colour is not None,
+            mask=mask,
+            colour=colour,
+            strength=processor.strength,
+            poisson=settings.blend == "poisson",
+            inplace=True,
+        )
+    return [int(r.shape[0]) > size for r in results]
+
+
+def _mask_model(
+    model: ResolvedModel, config: StudioConfig, cache: ModelCache, default_side: int
+) -> MaskModel:
+    return MaskModel.load(model.entry, model.path, load_onnx_model(model, config, cache), default_side)
 
 
 def _ms(start: float) -> float:

@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from studio.config import RefineConfig, Toggle
 from studio.errors import InputError, ModelError
-from studio.faces.blend import MaskHook, blend_face
+from studio.faces.blend import blend_face
 from studio.geometry import estimate_alignment, rescale_affine, warp_to_crop
 from studio.models.cache import ModelCache
 from studio.types import Affine, Embedding, Face, ImageBGR
@@ -90,12 +90,17 @@ def swap_crop(
     """(swapped crop, original crop, affine): the face's ArcFace-aligned crop before and after the swapper."""
     # 1. check inputs
     _check_image(image, "image")
-    size = _crop_size(swapper)
-    latent = _checked_latent(latent)
+    size = swap_size(swapper)
     # 2. the aligned crop, as insightface's norm_crop2 cuts it
     affine = estimate_alignment(face.landmarks, size)
     original = warp_to_crop(image, affine, size)
     # 3. one model call
+    return swap_aligned(original, latent, swapper), original, affine
+
+
+def swap_aligned(original: ImageBGR, latent: Latent, swapper: Swapper) -> ImageBGR:
+    """The swapper's output for an already aligned crop (side ``swap_size``): one model call."""
+    latent = _checked_latent(latent)
     blob = _prepare_blob(original)
     pred = _forward_inswapper(swapper, blob, latent)
     if pred.shape != blob.shape:
@@ -103,7 +108,7 @@ def swap_crop(
             f"{swapper.model_file}: swapper output of shape {pred.shape} for an input of {blob.shape}.",
             fix="check that the catalogue entry points at an inswapper_128 model.",
         )
-    return _normalize_output(pred), original, affine
+    return _normalize_output(pred)
 
 
 def refine_face(
@@ -114,7 +119,6 @@ def refine_face(
     settings: RefineConfig,
     *,
     upscaler: Upscaler | None = None,
-    hook: MaskHook | None = None,
     inplace: bool = False,
 ) -> tuple[ImageBGR, FaceStats]:
     """The canvas with ``face`` swapped to ``latent``, (upscaled,) blended back; and what it took.
@@ -128,8 +132,8 @@ def refine_face(
     crop, original, affine = swap_crop(canvas, face, latent, swapper)
     timings["swap"] = _ms_since(start)
     # 2. upscale the swapped crop when the face is bigger on the canvas than the crop
-    reference: ImageBGR | None = original if settings.colour_match or hook is not None else None
-    upscaled = _wants_upscale(settings.upscale, face, crop.shape[0], upscaler)
+    reference: ImageBGR | None = original if settings.colour_match else None
+    upscaled = wants_upscale(settings.upscale, face, crop.shape[0], upscaler)
     if upscaled:
         start = time.perf_counter()
         crop, affine, reference = _upscale_crop(canvas, crop, affine, reference, upscaler)
@@ -143,7 +147,6 @@ def refine_face(
         settings.mask,
         original_crop=reference,
         colour_match=settings.colour_match,
-        hook=hook,
         inplace=inplace,
     )
     timings["blend"] = _ms_since(start)
@@ -151,7 +154,7 @@ def refine_face(
     return result, FaceStats(upscaled=upscaled, crop_size=int(crop.shape[0]), timings=timings)
 
 
-def _wants_upscale(mode: Toggle, face: Face, crop_size: int, upscaler: Upscaler | None) -> bool:
+def wants_upscale(mode: Toggle, face: Face, crop_size: int, upscaler: Upscaler | None) -> bool:
     """on: always (an upscaler is required); auto: when one is given and the face exceeds the crop."""
     if mode == "on" and upscaler is None:
         raise InputError(
@@ -167,7 +170,7 @@ def _upscale_crop(
     canvas: ImageBGR, crop: ImageBGR, affine: Affine, reference: ImageBGR | None, upscaler: Upscaler | None
 ) -> tuple[ImageBGR, Affine, ImageBGR | None]:
     """The upscaled crop, its affine, and the colour reference re-cut from the canvas at the new size."""
-    if upscaler is None:  # _wants_upscale guarantees one; this keeps the type checker honest
+    if upscaler is None:  # wants_upscale guarantees one; this keeps the type checker honest
         raise InputError("No upscaler was given.", fix="load the catalogued upscaler.")
     big = upscaler.upscale(crop)
     big_affine = rescale_affine(affine, big.shape[0] / crop.shape[0])
@@ -197,7 +200,7 @@ def _normalize_output(pred: npt.NDArray[np.float32]) -> ImageBGR:
     return np.clip(np.rint(bgr * 255.0), 0, 255).astype(np.uint8)  # a fresh contiguous array
 
 
-def _crop_size(swapper: Swapper) -> int:
+def swap_size(swapper: Swapper) -> int:
     """The side of the swapper's square aligned crop."""
     width, height = (int(v) for v in swapper.input_size)
     if width != height or width < 16:

@@ -55,13 +55,29 @@ class Upscaler:
 
     def upscale(self, crop: ImageBGR) -> ImageBGR:
         """The crop ``scale`` times larger (HxWx3 uint8 BGR in, (sH)x(sW)x3 uint8 BGR out)."""
-        if not isinstance(crop, np.ndarray) or crop.dtype != np.uint8 or crop.ndim != 3 or crop.shape[2] != 3:
-            raise InputError(
-                f"Crop to upscale is {getattr(crop, 'dtype', type(crop))} of shape {np.shape(crop)}.",
-                fix="pass an HxWx3 uint8 BGR crop.",
-            )
+        _check_crop(crop)
         with self._lock:
             result = _forward_realesrgan(self._runner, crop, self._scale)
+        return self._checked(crop, result)
+
+    def upscale_many(self, crops: list[ImageBGR]) -> list[ImageBGR]:
+        """Each crop ``scale`` times larger; crops of one size go through the network as one batch
+        (untiled; a tiled upscaler takes them one by one). Same layout as :meth:`upscale`."""
+        if self._runner.tile_size > 0 or len(crops) < 2:
+            return [self.upscale(crop) for crop in crops]
+        results: dict[int, ImageBGR] = {}
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, crop in enumerate(crops):
+            _check_crop(crop)
+            groups.setdefault(crop.shape, []).append(index)
+        for indices in groups.values():
+            with self._lock:
+                batch = _forward_rrdbnet(self._runner, [crops[i] for i in indices])
+            for index, image in zip(indices, batch, strict=True):
+                results[index] = self._checked(crops[index], image)
+        return [results[i] for i in range(len(crops))]
+
+    def _checked(self, crop: ImageBGR, result: ImageBGR) -> ImageBGR:
         expected = (crop.shape[0] * self._scale, crop.shape[1] * self._scale, _RGB)
         if result.shape != expected or result.dtype != np.uint8:
             raise ModelError(
@@ -69,6 +85,15 @@ class Upscaler:
                 fix="check the catalogue entry's io.scale against the model file.",
             )
         return result
+
+
+def _check_crop(crop: ImageBGR) -> None:
+    """Raise InputError unless ``crop`` is HxWx3 uint8."""
+    if not isinstance(crop, np.ndarray) or crop.dtype != np.uint8 or crop.ndim != 3 or crop.shape[2] != 3:
+        raise InputError(
+            f"Crop to upscale is {getattr(crop, 'dtype', type(crop))} of shape {np.shape(crop)}.",
+            fix="pass an HxWx3 uint8 BGR crop.",
+        )
 
 
 def load_upscaler(entry: ModelEntry, path: Path, *, tile: int, device: torch.device, half: bool) -> Upscaler:
@@ -156,6 +181,25 @@ def _prepare_runner(net: torch.nn.Module, *, scale: int, tile: int, device: torc
     if half:
         runner.model = runner.model.half()
     return runner
+
+
+def _forward_rrdbnet(runner: Any, crops: list[ImageBGR]) -> list[ImageBGR]:
+    """One network call on same-size HxWx3 uint8 BGR crops, with ``RealESRGANer.enhance``'s arithmetic
+    (x/255, RGB, NCHW; output clamped to [0, 1], x255 rounded); its reflect pre-pad only matters for odd
+    sides at x2, which the swapper's even crops never have (``enhance`` still handles them)."""
+    import torch
+
+    if any(side % 2 for side in crops[0].shape[:2]):
+        return [_forward_realesrgan(runner, crop, runner.scale) for crop in crops]
+    stacked = np.stack(crops)[:, :, :, ::-1].astype(np.float32) / np.float32(255.0)  # NxHxWx3 BGR -> RGB
+    tensor = torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))  # -> Nx3xHxW
+    tensor = tensor.to(runner.device)
+    if runner.half:
+        tensor = tensor.half()
+    with torch.inference_mode():
+        output = runner.model(tensor).float().clamp_(0.0, 1.0).cpu().numpy()  # Nx3x(sH)x(sW) RGB
+    bgr = output[:, ::-1].transpose(0, 2, 3, 1)  # Nx3xHxW RGB -> NxHxWx3 BGR
+    return list(np.round(bgr * 255.0).astype(np.uint8))
 
 
 def _forward_realesrgan(runner: Any, crop: ImageBGR, scale: int) -> ImageBGR:

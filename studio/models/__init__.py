@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from studio.config import StudioConfig
-from studio.models.catalogue import KIT_CATALOGUE, Catalogue, load_catalogue
+from studio.models.catalogue import KIT_CATALOGUE, KIT_VERSION, KIT_VERSION_FILE, Catalogue, load_catalogue
 
 logger = logging.getLogger(__name__)
 
@@ -19,12 +19,22 @@ def open_catalogue(config: StudioConfig) -> Catalogue:
 
 
 def ensure_tiny_kit(folder: Path) -> Path:
-    """The tiny model kit in ``folder``, built there first if it has no catalogue yet; returns ``folder``."""
+    """The tiny model kit in ``folder``, built there first if it has none, or one older than this release's
+    (a kit gains models as the studio does); returns ``folder``."""
     folder = Path(folder)
-    if not (folder / KIT_CATALOGUE).is_file():
+    if not kit_is_current(folder):
         # the one production door to the kit builder (torch/onnx builders: imported only when needed)
         from studio.models.tiny import make_tiny_kit
 
         logger.warning("building the tiny model kit in %s (first use, a few seconds)", folder)
-        make_tiny_kit(folder)
+        make_tiny_kit(folder, force=(folder / KIT_CATALOGUE).is_file())
     return folder
+
+
+def kit_is_current(folder: Path) -> bool:
+    """Whether ``folder`` holds a tiny kit built by this release's kit builder."""
+    try:
+        version = (Path(folder) / KIT_VERSION_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        return False
+    return version == KIT_VERSION and (Path(folder) / KIT_CATALOGUE).is_file()

@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 ModelFormat = Literal["file", "diffusers"]
 KIT_CATALOGUE = "models.toml"
+# Bumped whenever the kit gains or changes a model: an older kit (on disk from an earlier release) is rebuilt.
+KIT_VERSION = "2"  # 2: the FaceFusion face-processor twins (occluder, parser, enhancers)
+KIT_VERSION_FILE = "kit-version"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _REQUIRED = ("kind", "filename", "source", "sha256", "size", "licence", "commercial")
 _OPTIONAL = ("description", "format", "fixture", "config", "io")

@@ -34,6 +34,10 @@ KIND_FOLDERS: dict[ModelKind, tuple[str, ...]] = {
     "swapper": ("insightface",),
     "adapter": ("ipadapter", "adapters"),
     "safety": ("nudenet",),  # content-check models
+    # face-processor models: FaceFusion keeps them in .assets/models; ComfyUI ReActor and A1111 the enhancers
+    "occluder": ("facefusion", ".assets/models"),
+    "parser": ("facefusion", ".assets/models"),
+    "enhancer": ("facerestore_models", "GFPGAN", "Codeformer", "facefusion", ".assets/models"),
     "annotator": (  # the OpenPose files, where ComfyUI's controlnet_aux and A1111's ControlNet keep them
         "custom_nodes/comfyui_controlnet_aux/ckpts/lllyasviel/Annotators",
         "extensions/sd-webui-controlnet/annotator/downloads/openpose",

@@ -44,6 +44,16 @@ _DOWNLOAD_AGAIN = "download it again, or export it again from its source."
 _ONNX_FIELDS = {1: "ir_version", 7: "graph", 8: "opset_import"}  # ModelProto fields every model has
 
 
+def safetensors_metadata(data: bytes) -> dict[str, str] | None:
+    """The ``__metadata__`` of safetensors bytes ({} if none); None when no JSON header is readable."""
+    length = int.from_bytes(data[:8], "little")  # safetensors: u64 LE header length, then a JSON header
+    try:
+        header = json.loads(data[8 : 8 + length]) if 0 < length <= len(data) - 8 else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    return (header.get("__metadata__") or {}) if isinstance(header, dict) else None
+
+
 def safetensors_bytes(tensors: Mapping[str, torch.Tensor | np.ndarray], metadata: dict[str, str]) -> bytes:
     """safetensors bytes of torch tensors or numpy arrays, header sorted: equal content, equal files.
 

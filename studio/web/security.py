@@ -94,10 +94,11 @@ def check_bind(host: str, auth: Credentials | None) -> None:
 
 
 def private_paths(config: StudioConfig) -> list[Path]:
-    """What the web studio must never serve: identities, the audit log, signing keys, models."""
+    """What the web studio must never serve: identities, templates, the audit log, signing keys, models."""
     provenance = config.provenance
     paths = [
         Path(config.refine.identities_dir),
+        Path(config.refine.templates_dir),
         Path(config.audit.log).parent,
         Path(provenance.data_dir),
         Path(config.models.dir),

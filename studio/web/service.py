@@ -139,10 +139,11 @@ class WebStudio:
         with self.accelerator():
             return picture.image, self.studio.faces(picture)
 
-    def reface(self, path: Path, cast: str) -> GenerateResult:
-        """``studio refine IMAGE --identity CAST``: the original is never overwritten."""
+    def reface(self, path: Path, cast: str, **options: Any) -> GenerateResult:
+        """``studio refine IMAGE --identity CAST`` (``options``: the request's refine options — processors,
+        blend, occlusion, regions): the original is never overwritten."""
         self.check_upload(path)
-        request = GenerateRequest(prompt="", identity=cast)
+        request = GenerateRequest(prompt="", identity=cast, **options)
         with self.accelerator():
             return self.studio.refine_files([Path(path)], request)
 

@@ -22,6 +22,7 @@ import pandas as pd
 
 from studio.batch.manifest import load_manifest
 from studio.batch.store import STATES
+from studio.config import FACE_REGIONS, BlendMode, ProcessorName
 from studio.errors import InputError, StudioError
 from studio.faces.consent import ConsentTerms, scope_list
 from studio.imageio import to_pil
@@ -177,15 +178,29 @@ def build_ui(service: WebStudio) -> gr.Blocks:
         )
 
         @shown_errors
-        def run_reface(path: str | None, cast_text: str) -> tuple[Any, str]:
+        def run_reface(
+            path: str | None,
+            cast_text: str,
+            processors: list[str],
+            blend: str,
+            occlusion: bool,
+            regions: list[str],
+        ) -> tuple[Any, str]:
             if not path:
                 raise InputError("No master creative is uploaded.", fix="upload one first.")
-            result = service.reface(Path(path), cast_text.strip())
+            if not processors:
+                raise InputError("No face processor is ticked.", fix="tick swap (and enhance, if wanted).")
+            options = {"processors": tuple(processors), "blend": blend, "occlusion": occlusion}
+            result = service.reface(Path(path), cast_text.strip(), regions=tuple(regions), **options)
             written = [*result.outputs, *result.failed_qa]
             return (str(written[0]) if written else None), _result_text(result)
 
+        options = [reface[k] for k in ("processors", "blend", "occlusion", "regions")]
         reface["run"].click(
-            run_reface, [reface["master"], reface["cast"]], [reface["result"], reface["status"]], **gpu
+            run_reface,
+            [reface["master"], reface["cast"], *options],
+            [reface["result"], reface["status"]],
+            **gpu,
         )
 
         # -- Identities -----------------------------------------------------------------------------
@@ -419,6 +434,17 @@ def _reface_tab(service: WebStudio) -> dict[str, Any]:
     c["faces"] = gr.Markdown(elem_id="rf-faces")
     c["cast"] = gr.Textbox(
         label="Cast: face number = identity (0=anna,1=kenji), or one name for every face", elem_id="rf-cast"
+    )
+    config = service.config.refine
+    with gr.Row():
+        processors = list(get_args(ProcessorName))
+        c["processors"] = gr.CheckboxGroup(processors, value=list(config.processors), label="Processors")
+        c["blend"] = gr.Radio(list(get_args(BlendMode)), value=config.blend, label="Blend")
+        c["occlusion"] = gr.Checkbox(
+            value=config.mask.occlusion, label="Occlusion mask (keep hands, glasses)", elem_id="rf-occlusion"
+        )
+    c["regions"] = gr.CheckboxGroup(
+        list(FACE_REGIONS), value=list(config.mask.regions), label="Face regions (none: the whole oval)"
     )
     c["run"] = gr.Button("Re-face", variant="primary", elem_id="rf-run")
     c["status"] = gr.Markdown(elem_id="rf-status")

@@ -355,3 +355,64 @@ def test_status_of_a_campaign_never_run_creates_nothing(enrolled: list[str], tmp
     result = CliRunner().invoke(app, ["campaign", "status", str(path), "--profile", "tiny", *options])
     assert result.exit_code == 0 and "has not been run yet" in result.output
     assert not Campaign.load(path, "tiny", overrides=enrolled).folder.exists()
+
+
+# --- templates: a refine job may name a template instead of an image ------------------------------
+
+TEMPLATED = """
+[campaign]
+name = "tpl"
+[axes]
+identity = ["p0", "p1"]
+[[jobs]]
+name = "reface"
+kind = "refine"
+template = "solo"
+identity = "0={identity}"
+"""
+
+
+def test_a_refine_job_naming_a_template_plans_and_runs(enrolled: list[str], tmp_path: Path) -> None:
+    overrides = [*enrolled, f"refine.templates_dir={str(tmp_path / 'tpl')!r}"]
+    studio = Studio(load_config("tiny", overrides=overrides))
+    master = studio.templates.image_path(studio.add_template("solo", tmp_path / "photo.png"))
+    campaign = Campaign.load(manifest(tmp_path, TEMPLATED), "tiny", overrides=overrides)
+    plan = campaign.plan()
+    assert len(plan.items) == 2 and {i.source for i in plan.items} == {str(master)}
+    assert {(i.request["template"], i.request["identity"]) for i in plan.items} == {
+        ("solo", "0=p0"),
+        ("solo", "0=p1"),
+    }
+    campaign.submit(plan)
+    pool = _CrashingPool(config_to_dict(campaign.config), set())
+    summary = run_items(campaign.store, campaign.folder, pool, max_rerolls=0)
+    assert summary.counts["done"] == 2
+    recipe = read_metadata(campaign.folder / campaign.store.items(["done"])[0].output).recipe  # type: ignore[operator]
+    assert recipe["refine"]["template"]["name"] == "solo"
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('template = "sol"', "No template 'sol' in the library .* Fix: did you mean 'solo'"),
+        ('identity = "0={identity},1=p2"', "Template 'solo' has 1 slot but the cast maps 2: 0=p0,1=p2"),
+    ],
+)
+def test_a_template_that_does_not_fit_fails_at_plan(enrolled: list[str], tmp_path: Path, line: str,
+                                                     problem: str) -> None:  # fmt: skip
+    overrides = [*enrolled, f"refine.templates_dir={str(tmp_path / 'tpl')!r}"]
+    Studio(load_config("tiny", overrides=overrides)).add_template("solo", tmp_path / "photo.png")
+    job = TEMPLATED.split("[[jobs]]")[1]
+    key = line.split(" = ")[0]
+    changed = "\n".join(line if old.startswith(f"{key} = ") else old for old in job.splitlines())
+    body = TEMPLATED.replace(job, changed)
+    campaign = Campaign.load(manifest(tmp_path, body), "tiny", overrides=overrides)
+    with pytest.raises(ManifestError, match=rf"jobs\[0\] \(reface\) at identity=p0: {problem}") as caught:
+        campaign.plan()
+    assert "\n" not in str(caught.value) and not campaign.folder.exists()
+
+
+def test_a_refine_job_needs_an_image_or_a_template(tmp_path: Path) -> None:
+    path = manifest(tmp_path, TEMPLATED.replace('template = "solo"\n', ""))
+    with pytest.raises(ManifestError, match=r"jobs\[0\]\.image: is missing.*template = \"NAME\""):
+        load_manifest(path)

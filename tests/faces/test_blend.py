@@ -10,7 +10,7 @@ import skimage.data
 from studio import geometry
 from studio.config import MaskConfig
 from studio.errors import ConfigError, InputError
-from studio.faces.blend import blend_face, combine_masks, crop_mask, match_colour
+from studio.faces.blend import blend_face, crop_mask, lab_stats, match_colour
 
 # Eileen Collins' pupils, nose tip, mouth corners in skimage.data.astronaut(), (x, y) px; see test_geometry.
 ASTRONAUT_LANDMARKS = np.array(
@@ -93,24 +93,6 @@ def test_mask_settings_are_validated(kwargs: dict[str, object]) -> None:
 def test_crop_mask_rejects_a_crop_with_no_face_area() -> None:
     with pytest.raises(InputError):
         crop_mask(16, MaskConfig(padding=0.45))
-
-
-# combine_masks
-
-
-def test_combine_masks_multiplies_resizes_and_leaves_inputs_alone() -> None:
-    base = crop_mask(128, MaskConfig("box"))
-    half = np.zeros((128, 128), np.float32)
-    half[:, 64:] = 0.5
-    combined = combine_masks(base, half)
-    np.testing.assert_allclose(combined, base * half)
-    assert combined.flags.writeable and base[64, 64] == 1.0
-    small = np.full((32, 32), 2.0, np.float32)  # a parser's own resolution, out of range values
-    np.testing.assert_allclose(combine_masks(base, small), base)
-    with pytest.raises(InputError):
-        combine_masks(base, np.full((128, 128), np.nan, np.float32))
-    with pytest.raises(InputError):
-        combine_masks(base, np.ones((128, 128, 3), np.float32))
 
 
 # match_colour
@@ -223,19 +205,59 @@ def test_blend_face_colour_matches_a_tinted_swap() -> None:
     assert np.array_equal(blend_face(image, tinted, affine, MaskConfig()), raw)  # no reference, no match
 
 
-def test_blend_face_hook_sees_the_target_and_can_veto_the_paste() -> None:
+def test_blend_face_mask_leaves_masked_out_pixels_untouched_alpha_and_poisson() -> None:
     image = _astronaut()
     crop, affine = _face_crop(image)
-    seen: list[np.ndarray] = []
-
-    def occluded(aligned: np.ndarray) -> np.ndarray:
-        seen.append(aligned)
-        return np.zeros(aligned.shape[:2], np.float32)  # the whole face is hidden
-
+    mask = np.array(crop_mask(crop.shape[0], MaskConfig()))
+    mask[:, : crop.shape[1] // 2] = 0.0  # the left half of the face is hidden (an occluder)
     swapped = np.full_like(crop, 255)
-    blended = blend_face(image, swapped, affine, MaskConfig(), original_crop=crop, hook=occluded)
-    np.testing.assert_array_equal(blended, image)
-    assert len(seen) == 1 and np.array_equal(seen[0], crop)
+    for poisson in (False, True):
+        blended = blend_face(image, swapped, affine, MaskConfig(), mask=mask, poisson=poisson)
+        hidden = np.zeros(crop.shape[:2], np.float32)
+        hidden[:, : crop.shape[1] // 2 - 1] = 1.0  # a px inside the hidden half, clear of the bilinear edge
+        reach = cv2.warpAffine(hidden, cv2.invertAffineTransform(affine), image.shape[1::-1]) > 0.999
+        assert reach.sum() > 1000
+        np.testing.assert_array_equal(blended[reach], image[reach])
+        assert (blended != image).any(axis=2).sum() > 1000  # the visible half changed
+    with pytest.raises(InputError):
+        blend_face(image, swapped, affine, MaskConfig(), mask=mask[:64])
+
+
+def test_blend_face_strength_mixes_and_zero_changes_nothing() -> None:
+    image = _smooth_image()
+    crop, affine = _face_crop(image)
+    swapped = np.full_like(crop, 255)
+    full = blend_face(image, swapped, affine, MaskConfig(), colour_match=False).astype(int)
+    half = blend_face(image, swapped, affine, MaskConfig(), colour_match=False, strength=0.5).astype(int)
+    np.testing.assert_array_equal(blend_face(image, swapped, affine, MaskConfig(), strength=0.0), image)
+    changed = full != image
+    assert np.abs(half - (image + full) / 2)[changed].max() <= 1.0
+    with pytest.raises(InputError):
+        blend_face(image, swapped, affine, MaskConfig(), strength=1.5)
+
+
+def test_blend_face_poisson_takes_the_canvas_colours_at_the_edge() -> None:
+    image = _smooth_image()
+    crop, affine = _face_crop(image)
+    flat = np.full_like(crop, 250)  # a flat bright face: Poisson keeps its (zero) gradients, not its colour
+    alpha = blend_face(image, flat, affine, MaskConfig(), colour_match=False)
+    poisson = blend_face(image, flat, affine, MaskConfig(), colour_match=False, poisson=True)
+    centre = tuple(
+        int(v) for v in cv2.transform(np.array([[[63.5, 63.5]]]), cv2.invertAffineTransform(affine))[0, 0]
+    )
+    assert alpha[centre[1], centre[0]].min() >= 240
+    assert np.abs(poisson[centre[1], centre[0]].astype(int) - image[centre[1], centre[0]]).max() < 60
+
+
+def test_precomputed_colour_stats_match_the_reference_crop() -> None:
+    image = _astronaut()
+    crop, _ = _face_crop(image)
+    tinted = np.clip(crop.astype(int) + np.array([40, -20, 10]), 0, 255).astype(np.uint8)
+    mask = crop_mask(crop.shape[0], MaskConfig())
+    np.testing.assert_array_equal(
+        match_colour(tinted, crop, mask), match_colour(tinted, lab_stats(crop, mask), mask)
+    )
+    assert lab_stats(crop, np.zeros_like(mask)) is None
 
 
 def test_blend_face_pastes_an_upscaled_crop() -> None:

@@ -182,3 +182,23 @@ def test_corrupt_file_is_reported_and_rechecked(tmp_path: Path) -> None:
     path.write_bytes(PAYLOAD)
     assert check(entry, models, recheck=True).status == "present"
     assert check(replace(entry, sha256="0" * 64), models).status == "corrupt"
+
+
+def test_every_model_kind_has_its_search_folders(tmp_path: Path) -> None:
+    from typing import get_args
+
+    from studio.models.store import KIND_FOLDERS
+    from studio.types import ModelKind
+
+    assert set(KIND_FOLDERS) == set(get_args(ModelKind))
+    # a FaceFusion install's model folder is searched for its enhancer
+    root = tmp_path / "facefusion"
+    (root / ".assets" / "models").mkdir(parents=True)
+    (root / ".assets" / "models" / "gfpgan_1.4.onnx").write_bytes(b"x")
+    entry = ModelEntry(
+        name="gfpgan_1_4", kind="enhancer", description="", filename="gfpgan_1.4.onnx",
+        source=ModelSource(url="https://example.invalid/gfpgan_1.4.onnx"), sha256="0" * 64, size=1,
+        licence="Apache-2.0", commercial=False,
+    )  # fmt: skip
+    found = locate(entry, ModelsConfig(dir=tmp_path / "own", search_paths=(root,)))
+    assert found == root / ".assets" / "models" / "gfpgan_1.4.onnx"

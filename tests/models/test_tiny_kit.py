@@ -3,6 +3,7 @@ real library entry points using only what the catalogue says."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ import torch
 
 from studio.compat import import_realesrgan
 from studio.config import ModelsConfig
-from studio.models.catalogue import read_catalogue_file
+from studio.models import ensure_tiny_kit, kit_is_current
+from studio.models.catalogue import KIT_VERSION, KIT_VERSION_FILE, read_catalogue_file
 from studio.models.runtime import load_insightface_model
 from studio.models.store import check
 from studio.models.tiny import make_tiny_kit
@@ -40,6 +42,17 @@ def test_existing_kit_is_kept_and_force_rebuilds_identically(tiny_kit: Path, tmp
     copy = make_tiny_kit(tmp_path / "again")
     assert (copy / "models.toml").read_text().replace(str(copy), "") == before.replace(str(tiny_kit), "")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_a_kit_from_an_older_release_is_rebuilt_on_use(tiny_kit: Path, tmp_path: Path) -> None:
+    old = tmp_path / "old-kit"
+    shutil.copytree(tiny_kit, old)
+    (old / KIT_VERSION_FILE).unlink()  # kits before version 2 had no version file, nor the processor twins
+    (old / "facefusion" / "tiny_xseg.onnx").unlink()
+    assert not kit_is_current(old)
+    assert ensure_tiny_kit(old) == old
+    assert kit_is_current(old) and (old / "facefusion" / "tiny_xseg.onnx").is_file()
+    assert (old / KIT_VERSION_FILE).read_text().strip() == KIT_VERSION
 
 
 def test_sd_single_file_loads_offline_with_local_config(kit: dict) -> None:
@@ -105,3 +118,15 @@ def test_upscaler_loads_with_catalogued_arch(kit: dict, name: str) -> None:
     image = np.random.default_rng(0).integers(0, 255, (12, 16, 3), dtype=np.uint8)
     out, _ = upsampler.enhance(image, outscale=io["scale"])
     assert out.shape == (12 * io["scale"], 16 * io["scale"], 3)
+
+
+def test_facefusion_processor_twins_are_catalogued_and_verify(kit: dict, tmp_path: Path) -> None:
+    models = ModelsConfig(dir=tmp_path)
+    real = {e.name: e for e in read_catalogue_file(Path(__file__).parents[2] / "configs" / "models.toml")}
+    twins = {"tiny-xseg": "xseg_1", "tiny-bisenet": "bisenet_resnet_34"}
+    twins |= {"tiny-gfpgan": "gfpgan_1_4", "tiny-codeformer": "codeformer"}
+    for name, real_name in twins.items():
+        entry = kit[name]
+        assert check(entry, models, recheck=True).status == "present", name
+        assert entry.kind == real[real_name].kind and dict(entry.io) == dict(real[real_name].io), name
+    assert kit["tiny-xseg"].is_fixture and kit["tiny-bisenet"].is_fixture

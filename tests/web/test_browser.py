@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from studio.imageio import read_metadata
 from studio.web.app import serving
 from studio.web.service import WebStudio
 from tests.web.conftest import FOUR_ITEMS, face_photo, make_service
@@ -101,10 +102,16 @@ def test_enrol_with_consent_then_reface_an_uploaded_image(page: Any, work: Path)
     wait_text(page, "#rf-faces", "face(s) found")
     assert "face 0" in page.inner_text("#rf-faces")
     assert page.input_value("#rf-cast textarea") == "0=kenji"
+    page.get_by_label("enhance").check()  # the face enhancer after the swap, pasted with Poisson blending
+    page.get_by_label("poisson").check()
     page.click("#rf-run")
     wait_text(page, "#rf-status", "similarity")
     status = page.inner_text("#rf-status")
     assert re.search(r"face 0 similarity -?\d\.\d{3}", status) and "wrote" in status
+    (name,) = re.findall(r"wrote (\S+\.png)", status)
+    (written,) = work.rglob(name)
+    request = read_metadata(written).recipe["request"]
+    assert request["processors"] == ["swap", "enhance"] and request["blend"] == "poisson"
     page.wait_for_selector("#rf-result img")
     page.wait_for_selector("#rf-original img")
 

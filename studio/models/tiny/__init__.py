@@ -2,7 +2,8 @@
 
 ``make_tiny_kit(DIR)`` writes the files and a catalogue (``DIR/models.toml``, same schema as
 ``configs/models.toml``) with their checksums, so the tiny profile runs the real loading code offline.
-The weights are random: pictures are not portraits, and the detector is a fixture (see its entry).
+The weights are random: pictures are not portraits, and the detector, the occluder and the face parser
+are fixtures (see their entries).
 """
 
 from __future__ import annotations
@@ -18,13 +19,25 @@ from typing import Any
 import tomli_w
 
 from studio.files import sha256_file, tree_sha256, tree_size, write_text_atomic
-from studio.models.catalogue import KIT_CATALOGUE
+from studio.models import kit_is_current
+from studio.models.catalogue import KIT_CATALOGUE, KIT_VERSION, KIT_VERSION_FILE
 from studio.models.tiny.adapter import write_fact_fixture
 from studio.models.tiny.diffusion import write_controlnet, write_sd15
 from studio.models.tiny.esrgan import write_esrgan
 from studio.models.tiny.faces import FIXTURE_FACE_BOX, write_detector, write_recognizer, write_swapper
 from studio.models.tiny.ipadapter import write_tiny_faceid
 from studio.models.tiny.loras import write_loras
+from studio.models.tiny.processors import (
+    BISENET_IO,
+    CODEFORMER_IO,
+    GFPGAN_IO,
+    OCCLUDER_RGB,
+    XSEG_IO,
+    write_codeformer,
+    write_face_parser,
+    write_gfpgan,
+    write_occluder,
+)
 from studio.models.tiny.sdxl import write_controlnet_sdxl, write_sdxl
 
 logger = logging.getLogger(__name__)
@@ -36,7 +49,7 @@ NOT_A_PORTRAIT = "tiny kit: random weights, pictures are not portraits"
 def make_tiny_kit(root: Path, *, seed: int = 0, force: bool = False) -> Path:
     """Build the kit in ``root`` (atomically: a temp folder renamed into place); returns ``root``."""
     root = Path(root)
-    if (root / KIT_CATALOGUE).is_file() and not force:
+    if kit_is_current(root) and not force:
         logger.info("tiny kit already built in %s", root)
         return root
     start = time.perf_counter()
@@ -45,6 +58,7 @@ def make_tiny_kit(root: Path, *, seed: int = 0, force: bool = False) -> Path:
     try:
         entries = _write_files(staging, seed)
         write_text_atomic(staging / KIT_CATALOGUE, tomli_w.dumps(_catalogue(staging, entries)))
+        write_text_atomic(staging / KIT_VERSION_FILE, KIT_VERSION + "\n")
         if root.exists():
             shutil.rmtree(root)
         os.replace(staging, root)
@@ -83,6 +97,12 @@ def _write_files(root: Path, seed: int) -> dict[str, dict[str, Any]]:
     write_tiny_faceid(
         root / "ipadapter" / "tiny-ip-adapter-faceid.bin", root / "tiny-sd15" / "unet", seed=seed + 11
     )
+    # 6. FaceFusion-format face processors: occluder and parser fixtures, two enhancers
+    processors = root / "facefusion"
+    write_occluder(processors / "tiny_xseg.onnx", seed=seed + 12)
+    write_face_parser(processors / "tiny_bisenet.onnx", seed=seed + 13)
+    write_gfpgan(processors / "tiny_gfpgan.onnx", seed=seed + 14)
+    write_codeformer(processors / "tiny_codeformer.onnx", seed=seed + 15)
     return {
         "tiny-sd15": _entry(
             "sd15", "tiny-sd15.safetensors", "SD 1.5 architecture, single-file checkpoint", config="tiny-sd15"
@@ -147,6 +167,37 @@ def _write_files(root: Path, seed: int) -> dict[str, dict[str, Any]]:
             "IP-Adapter-FaceID for tiny-sd15, public .bin format",
             fixture="random weights: changes the picture, not trained",
         ),
+        "tiny-xseg": _entry(
+            "occluder",
+            "facefusion/tiny_xseg.onnx",
+            "XSeg xseg_1 signature (NHWC BGR 256)",
+            fixture="reports as occluded (0) exactly the pixels of the occluder colour "
+            f"(pure green, e.g. RGB {OCCLUDER_RGB}: G >= 200, R <= 60, B <= 60) and 1 everywhere else",
+            io=XSEG_IO,
+        ),
+        "tiny-bisenet": _entry(
+            "parser",
+            "facefusion/tiny_bisenet.onnx",
+            "BiSeNet bisenet_resnet_34 signature (19 classes, 512)",
+            fixture="ignores the picture: fixed regions where the arcface_128 template puts them "
+            "(background outside a face ellipse, skin, eyebrows, eyes, nose, lips, mouth)",
+            io=BISENET_IO,
+        ),
+        "tiny-gfpgan": _entry(
+            "enhancer",
+            "facefusion/tiny_gfpgan.onnx",
+            "GFPGAN gfpgan_1.4 signature (random conv net)",
+            fixture="returns the face plus a small seeded change; does not restore anything",
+            io=GFPGAN_IO,
+        ),
+        "tiny-codeformer": _entry(
+            "enhancer",
+            "facefusion/tiny_codeformer.onnx",
+            "CodeFormer signature with its fidelity weight (random conv net)",
+            fixture="returns the face plus a small seeded change that shrinks as weight grows "
+            "(weight 1 keeps 20 % of it); does not restore anything",
+            io=CODEFORMER_IO,
+        ),
     }
 
 
@@ -158,7 +209,7 @@ def _entry(
     fmt: str = "file",
     fixture: str | None = None,
     config: str | None = None,
-    io: dict[str, int] | None = None,
+    io: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "kind": kind,
