@@ -365,7 +365,7 @@ def _studio_parts(args: argparse.Namespace, kit: Path, work: Path) -> list[str]:
     request = GenerateRequest("refine bench", **PLAIN)
     rounds = args.processor_repeats
 
-    # (v) per-processor costs: one 350-px face on 1024², every variant against the plain swap
+    # (v) per-processor costs: one --face px face on 1024², every variant against the plain swap
     canvas, face = _textured_canvas(1024, seed=1024), _centred_face(1024, args.face)
     refiners = {
         name: _Refiner(
