@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from studio.errors import InputError
+from studio.request import REFINE_OPTIONS
 
 JobKind = Literal["generate", "refine"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -33,7 +34,7 @@ _CAMPAIGN_KEYS = ("name", "max_rerolls", "seed", "seeds")
 OPTIONS = (
     "negative", "style", "width", "height", "steps", "cfg", "sampler", "loras", "pose", "pose_source",
     "control_model", "control_scale", "control_start", "control_end", "init_image", "strength",
-    "identity", "select", "face_index", "match", "adapter", "adapter_scale", "template",
+    "identity", "select", "face_index", "match", "adapter", "adapter_scale", "template", *REFINE_OPTIONS,
 )  # fmt: skip
 _PATHS = ("pose", "init_image", "image")  # relative to the manifest's folder
 _JOB_KEYS = ("name", "kind", "prompt", "image", "seeds", "rows", "columns", *OPTIONS)

@@ -116,6 +116,9 @@ def _item(
         options = {k: v if k in _KEEP_TEMPLATES else _fill(v, variables) for k, v in job.options.items()}
         if "loras" in options:
             options["loras"] = _loras(options["loras"])
+        for key in ("processors", "regions"):  # TOML lists -> the request's tuples
+            if isinstance(options.get(key), list):
+                options[key] = tuple(options[key])
         request = GenerateRequest(
             prompt=job.prompt, variables=variables, seed=seed if seed is not None else 0, **options
         )

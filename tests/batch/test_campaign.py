@@ -416,3 +416,36 @@ def test_a_refine_job_needs_an_image_or_a_template(tmp_path: Path) -> None:
     path = manifest(tmp_path, TEMPLATED.replace('template = "solo"\n', ""))
     with pytest.raises(ManifestError, match=r"jobs\[0\]\.image: is missing.*template = \"NAME\""):
         load_manifest(path)
+
+
+# --- refine options: processors, blend and masks per job ---------------------------------------------
+
+REFINE_OPTIONS_MANIFEST = """
+[campaign]
+name = "options"
+[[jobs]]
+name = "plain"
+kind = "refine"
+image = "photo.png"
+identity = "p0"
+[[jobs]]
+name = "enhanced"
+kind = "refine"
+image = "photo.png"
+identity = "p0"
+processors = ["swap", "enhance"]
+blend = "poisson"
+occlusion = true
+regions = ["skin", "nose"]
+"""
+
+
+def test_refine_options_are_job_options_and_part_of_the_item_id(enrolled: list[str], tmp_path: Path) -> None:
+    campaign = Campaign.load(manifest(tmp_path, REFINE_OPTIONS_MANIFEST), "tiny", overrides=enrolled)
+    plain, enhanced = campaign.plan().items
+    assert plain.id != enhanced.id and "processors" not in plain.request
+    assert enhanced.request["processors"] == ["swap", "enhance"] and enhanced.request["blend"] == "poisson"
+    assert enhanced.request["occlusion"] is True and enhanced.request["regions"] == ["skin", "nose"]
+    bad = REFINE_OPTIONS_MANIFEST.replace('["swap", "enhance"]', '["swap", "blur"]')
+    with pytest.raises(ManifestError, match=r"enhanced.*--processors 'blur' is not allowed"):
+        Campaign.load(manifest(tmp_path, bad), "tiny", overrides=enrolled).plan()
