@@ -66,7 +66,7 @@ class PictureAnalysis:
         """The blend mask of face ``index`` (box/ellipse ∩ occlusion ∩ regions), from its original crop."""
         occluder, parser = models
         return self._keep(
-            ("mask", index, template, size, settings),
+            ("mask", index, template, size, settings, models),  # the models themselves: kept alive by the key
             lambda: _frozen(
                 face_mask(
                     self.original(image, index, template, size), settings, occluder=occluder, parser=parser
@@ -75,11 +75,22 @@ class PictureAnalysis:
         )
 
     def colour(
-        self, image: ImageBGR, index: int, template: AlignTemplate, size: int, mask: Mask
+        self,
+        image: ImageBGR,
+        index: int,
+        template: AlignTemplate,
+        size: int,
+        settings: MaskConfig,
+        models: tuple[MaskModel | None, MaskModel | None],
     ) -> LabStats | None:
-        """The original crop's LAB statistics inside ``mask`` (the colour-match target)."""
-        key = ("colour", index, template, size, id(mask))  # masks are kept above: one object per settings
-        return self._keep(key, lambda: lab_stats(self.original(image, index, template, size), mask))
+        """The original crop's LAB statistics inside its :meth:`mask` (the colour-match target)."""
+        return self._keep(
+            ("colour", index, template, size, settings, models),
+            lambda: lab_stats(
+                self.original(image, index, template, size),
+                self.mask(image, index, template, size, settings, models),
+            ),
+        )
 
     def _affine(self, index: int, template: AlignTemplate, size: int) -> Affine:
         landmarks = self.faces[index].landmarks

@@ -204,10 +204,9 @@ def _run_processor(
     results = processor.process(crops, jobs)
     for job, result in zip(jobs, results, strict=True):
         side = int(result.shape[0])
-        mask = analysis.mask(
-            image, job.index, template, side, settings.mask, (models.occluder, models.parser)
-        )
-        colour = analysis.colour(image, job.index, template, side, mask) if processor.colour_match else None
+        kept = (image, job.index, template, side, settings.mask, (models.occluder, models.parser))
+        mask = analysis.mask(*kept)
+        colour = analysis.colour(*kept) if processor.colour_match else None
         blend_face(
             canvas,
             result,
@@ -226,7 +225,12 @@ def _run_processor(
 def _mask_model(
     model: ResolvedModel, config: StudioConfig, cache: ModelCache, default_side: int
 ) -> MaskModel:
-    return MaskModel.load(model.entry, model.path, load_onnx_model(model, config, cache), default_side)
+    """The occluder or parser, wrapped once per process: the per-picture masks are kept per model object."""
+    session = load_onnx_model(model, config, cache)  # cached itself: the wrapper is keyed by the same file
+    return cache.get(
+        ("mask-model", model.sha256, id(session)),
+        lambda: MaskModel.load(model.entry, model.path, session, default_side),
+    )
 
 
 def _ms(start: float) -> float:
