@@ -111,6 +111,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def file_stamp(path: Path) -> tuple[int, ...]:
+    """(size, mtime, inode) of ``path``, () when it is missing: what any change to it alters (a rewrite in
+    place changes the mtime, an atomic replace the inode)."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return ()
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
 def write_bytes_atomic(path: Path, data: bytes, mode: int = _FILE_MODE) -> None:
     """Write ``data`` to ``path`` atomically (file ``mode``: 0644 unless told otherwise)."""
     with atomic_writer(path, mode=mode) as handle:

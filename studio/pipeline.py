@@ -46,7 +46,7 @@ from studio.faces.template import (
     check_template_recognizer,
     validate_template_name,
 )
-from studio.files import sha256_file
+from studio.files import file_stamp, sha256_file
 from studio.imageio import read_image, read_metadata
 from studio.models import open_catalogue
 from studio.models.cache import ModelCache
@@ -132,9 +132,9 @@ class Studio:
         """The identity library the config points at (one object: it keeps the identities it has read)."""
         return IdentityLibrary.for_config(self.config)
 
-    @property
+    @functools.cached_property
     def templates(self) -> TemplateLibrary:
-        """The multi-person template library the config points at."""
+        """The multi-person template library the config points at (one object: it keeps what it has read)."""
         return TemplateLibrary.for_config(self.config)
 
     # -- the stage API -------------------------------------------------------------------------------
@@ -684,16 +684,8 @@ class _Judged:
 
 
 def _file_stamps(models: Mapping[str, ResolvedModel]) -> tuple[tuple[int, ...], ...]:
-    """(size, mtime, inode) of each resolved model file: what a replaced or edited file changes."""
-    stamps = []
-    for model in models.values():
-        try:
-            stat = Path(model.location).stat()
-        except OSError:
-            stamps.append(())
-            continue
-        stamps.append((stat.st_size, stat.st_mtime_ns, stat.st_ino))
-    return tuple(stamps)
+    """The stamps of each resolved model file: what a replaced or edited file changes."""
+    return tuple(file_stamp(Path(model.location)) for model in models.values())
 
 
 class _RunLog:

@@ -21,13 +21,13 @@ import numpy.typing as npt
 
 from studio.config import DetectConfig, MaskConfig
 from studio.faces.blend import LabStats, lab_stats
-from studio.faces.detect import ARCFACE_SIZE, detect_faces, embed_crops
+from studio.faces.detect import detect_faces, embed_faces
 from studio.faces.masks import MaskModel, face_mask
 from studio.geometry import AlignTemplate, estimate_alignment, rescale_affine, warp_to_crop
 from studio.models.cache import ModelCache, Recent
 from studio.types import Affine, Face, ImageBGR, Mask
 
-ANALYSED_PICTURES = 16  # pictures whose analyses are kept for the next refine of the same pixels
+ANALYSED_PICTURES = 4  # pictures whose analyses are kept: the identities of one draft come one after another
 # The side each template's models read (inswapper 128, GFPGAN/CodeFormer 512); larger crops of a face are
 # upscales of that one, so their affines are rescaled from it (the upscaler's half-pixel convention).
 _TEMPLATE_SIDES: dict[AlignTemplate, int] = {"arcface": 128, "ffhq": 512}
@@ -117,16 +117,13 @@ def analyse_picture(
     cache: ModelCache,
 ) -> PictureAnalysis:
     """The picture's analysis, computed once: every identity and slot map applied to one draft shares it."""
-    digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest()
+    digest = hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).hexdigest()  # no copy
     key = (digest, image.shape, id(detector), recognizer_sha256, settings)
     recent = cache.get(("face-analyses",), lambda: Recent(ANALYSED_PICTURES))
     found = recent.get(key)
     if found is None:
         faces = detect_faces(image, detector, settings)
-        analysis = PictureAnalysis(faces, np.zeros((0, 512), np.float32))
-        crops = [analysis.original(image, i, "arcface", ARCFACE_SIZE) for i in range(len(faces))]
-        analysis.embeddings = embed_crops(crops, recognizer)
-        found = recent.put(key, analysis)
+        found = recent.put(key, PictureAnalysis(faces, embed_faces(image, faces, recognizer)))
     return found
 
 

@@ -33,6 +33,7 @@ class FaceEnhancer:
     session: Any  # onnxruntime.InferenceSession
     size: int
     fidelity: float
+    weighted: bool  # CodeFormer: the graph takes its fidelity weight as a second input
 
     @classmethod
     def load(cls, entry: ModelEntry | None, path: Path, session: Any, fidelity: float) -> FaceEnhancer:
@@ -45,7 +46,7 @@ class FaceEnhancer:
                 f"{name}: inputs {sorted(inputs)}; an enhancer takes 'input' (and CodeFormer 'weight').",
                 fix="point refine.enhance.model at gfpgan_1_4 or codeformer (FaceFusion's ONNX files).",
             )
-        return cls(name, session, int(io.get("size", ENHANCER_SIZE)), fidelity)
+        return cls(name, session, int(io.get("size", ENHANCER_SIZE)), fidelity, _WEIGHT_INPUT in inputs)
 
     def enhance(self, crop: ImageBGR) -> ImageBGR:
         """The FFHQ-aligned crop (side ``size``, HxWx3 uint8 BGR) restored by the model, same layout."""
@@ -73,7 +74,7 @@ def _prepare_blob(crop: ImageBGR) -> npt.NDArray[np.float32]:
 def _forward_enhancer(enhancer: FaceEnhancer, blob: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """One model call; CodeFormer also gets its fidelity weight (float64 [1])."""
     feeds: dict[str, npt.NDArray[Any]] = {"input": blob}
-    if any(i.name == _WEIGHT_INPUT for i in enhancer.session.get_inputs()):
+    if enhancer.weighted:
         feeds[_WEIGHT_INPUT] = np.array([enhancer.fidelity], dtype=np.float64)
     return np.asarray(enhancer.session.run(None, feeds)[0], dtype=np.float32)
 

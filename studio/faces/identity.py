@@ -43,7 +43,7 @@ from studio.faces.identity_file import (
     parse_identity_file,
     serialize_identity,
 )
-from studio.files import sha256_file, write_bytes_atomic
+from studio.files import file_stamp, sha256_file, write_bytes_atomic
 from studio.imageio import read_image
 from studio.types import Identity, ImageBGR
 
@@ -129,15 +129,6 @@ def name_problem(name: object) -> str | None:
 # --- the library ------------------------------------------------------------------------------
 
 
-def _stamp(path: Path) -> tuple[int, ...]:
-    """(size, mtime, inode) of ``path``, () when it is missing: what any change to it alters."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return ()
-    return stat.st_size, stat.st_mtime_ns, stat.st_ino
-
-
 class IdentityLibrary:
     """A folder of enrolled identities: enrol, load, get, list, revoke, remove."""
 
@@ -208,7 +199,7 @@ class IdentityLibrary:
         """Read and validate identity ``name`` (revoked ones included); a file read before is read again
         only when it or its folder changed (a revocation, a re-enrolment, a new file beside it)."""
         path = self.path_for(name)
-        stamp = (_stamp(self.folder), _stamp(path))
+        stamp = (file_stamp(self.folder), file_stamp(path))
         kept = self._loaded.get(name)
         if kept is not None and kept[0] == stamp and stamp[1]:
             return kept[1]

@@ -3,7 +3,9 @@ ONNX Runtime providers and threads; torch for the Real-ESRGAN upscaler."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 from studio.adapter.tokens import FaceTokenEncoder
 from studio.config import StudioConfig
@@ -13,26 +15,35 @@ from studio.models.cache import ModelCache
 from studio.models.resolve import ResolvedModel
 from studio.models.runtime import choose_device, create_session, load_insightface_model, onnx_providers
 
+T = TypeVar("T")
+
 
 def load_face_model(model: ResolvedModel, config: StudioConfig, cache: ModelCache) -> Any:
     """One insightface model (detector, recognizer or swapper), loaded once per process."""
-    providers, threads = onnx_providers(config.runtime.onnx_providers), config.runtime.threads
-    key = ("insightface", model.sha256, tuple(providers), threads)
-    return cache.get(key, lambda: load_insightface_model(model.path, providers, threads))
+    return _on_onnx_runtime("insightface", load_insightface_model, model, config, cache)
 
 
 def load_onnx_model(model: ResolvedModel, config: StudioConfig, cache: ModelCache) -> Any:
     """A plain ONNX Runtime session (occluder, parser, enhancer), created once per process."""
-    providers, threads = onnx_providers(config.runtime.onnx_providers), config.runtime.threads
-    key = ("onnx", model.sha256, tuple(providers), threads)
-    return cache.get(key, lambda: create_session(model.path, providers, threads))
+    return _on_onnx_runtime("onnx", create_session, model, config, cache)
 
 
 def load_token_encoder(model: ResolvedModel, config: StudioConfig, cache: ModelCache) -> FaceTokenEncoder:
     """The recognizer graph with its face-token output exposed (for enrolment), built once per process."""
+    return _on_onnx_runtime("face-tokens", FaceTokenEncoder, model, config, cache)
+
+
+def _on_onnx_runtime(
+    kind: str,
+    make: Callable[[Path, list[str], int], T],
+    model: ResolvedModel,
+    config: StudioConfig,
+    cache: ModelCache,
+) -> T:
+    """``make(path, providers, threads)`` on the configured providers and threads, once per process."""
     providers, threads = onnx_providers(config.runtime.onnx_providers), config.runtime.threads
-    key = ("face-tokens", model.sha256, tuple(providers), threads)
-    return cache.get(key, lambda: FaceTokenEncoder(model.path, providers, threads))
+    key = (kind, model.sha256, tuple(providers), threads)
+    return cache.get(key, lambda: make(model.path, providers, threads))
 
 
 def load_upscaler_model(model: ResolvedModel, config: StudioConfig, cache: ModelCache) -> Upscaler:

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
@@ -28,7 +27,7 @@ import numpy.typing as npt
 from studio.config import FACE_REGION_CLASSES, FaceRegion, MaskConfig
 from studio.errors import ModelError
 from studio.faces.blend import crop_mask
-from studio.models.catalogue import ModelEntry
+from studio.models.resolve import ResolvedModel
 from studio.types import ImageBGR, Mask
 
 logger = logging.getLogger(__name__)
@@ -38,20 +37,22 @@ _IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)  # RGB
 _EDGE_SIGMA = 5.0  # px: FaceFusion's mask softening
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class MaskModel:
-    """A loaded occluder or face parser: its ORT session and the side of the square it reads."""
+    """A loaded occluder or face parser: its ORT session and the side of the square it reads. Equal (and
+    hashed) by its file's sha256 and side: per-picture masks are kept under it."""
 
     name: str
-    session: Any  # onnxruntime.InferenceSession
+    sha256: str
     size: int  # px side of the model's square input
+    session: Any = field(compare=False)  # onnxruntime.InferenceSession
 
     @classmethod
-    def load(cls, entry: ModelEntry | None, path: Path, session: Any, default_size: int) -> MaskModel:
+    def load(cls, model: ResolvedModel, session: Any, default_size: int) -> MaskModel:
         """Wrap ``session``; the input side comes from the catalogue's io facts, else the graph."""
-        io = entry.io if entry is not None else {}
+        io = model.entry.io if model.entry is not None else {}
         size = int(io.get("size", 0)) or _graph_side(session, default_size)
-        return cls(entry.name if entry is not None else path.name, session, size)
+        return cls(model.label, model.sha256, size, session)
 
 
 def face_mask(

@@ -15,7 +15,7 @@ from typing import Any
 from studio.config import RefineConfig, StudioConfig
 from studio.faces.analysis import PictureAnalysis, analyse_picture
 from studio.faces.blend import blend_face
-from studio.faces.detect import ARCFACE_SIZE, embed_crops
+from studio.faces.detect import embed_faces
 from studio.faces.loading import load_face_model, load_onnx_model
 from studio.faces.masks import MaskModel
 from studio.faces.processors import PROCESSORS, FaceJob, FaceProcessor, SwapProcessor
@@ -148,11 +148,7 @@ def refine(
         timings[processor.name] = _ms(start)
     # 4. QA: ArcFace similarity of each result face (and of the original) to its identity
     start = time.perf_counter()
-    qa_crops = [
-        warp_to_crop(canvas, analysis.alignment(job.index, "arcface", ARCFACE_SIZE), ARCFACE_SIZE)
-        for job in jobs
-    ]
-    after = embed_crops(qa_crops, models.recognizer)
+    after = embed_faces(canvas, [job.face for job in jobs], models.recognizer)
     swaps = [
         SwapEmbeddings(job.index, job.identity.name, job.identity.embedding, before[job.index], after[k])
         for k, job in enumerate(jobs)
@@ -212,7 +208,6 @@ def _run_processor(
             result,
             analysis.alignment(job.index, template, side),
             settings.mask,
-            colour_match=colour is not None,
             mask=mask,
             colour=colour,
             strength=processor.strength,
@@ -225,12 +220,7 @@ def _run_processor(
 def _mask_model(
     model: ResolvedModel, config: StudioConfig, cache: ModelCache, default_side: int
 ) -> MaskModel:
-    """The occluder or parser, wrapped once per process: the per-picture masks are kept per model object."""
-    session = load_onnx_model(model, config, cache)  # cached itself: the wrapper is keyed by the same file
-    return cache.get(
-        ("mask-model", model.sha256, id(session)),
-        lambda: MaskModel.load(model.entry, model.path, session, default_side),
-    )
+    return MaskModel.load(model, load_onnx_model(model, config, cache), default_side)
 
 
 def _ms(start: float) -> float:

@@ -41,7 +41,7 @@ from studio.faces.template_file import (
     parse_template_file,
     serialize_template,
 )
-from studio.files import sha256_file, write_bytes_atomic
+from studio.files import file_stamp, sha256_file, write_bytes_atomic
 from studio.types import Face
 
 __all__ = [
@@ -85,6 +85,8 @@ class TemplateLibrary:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder).expanduser()
+        # name -> (stamps of folder, file and master; template): read and hashed again only after a change
+        self._loaded: dict[str, tuple[tuple[tuple[int, ...], ...], Template]] = {}
 
     @classmethod
     def for_config(cls, config: StudioConfig) -> TemplateLibrary:
@@ -138,8 +140,20 @@ class TemplateLibrary:
         return dataclasses.replace(template, file_sha256=hashlib.sha256(record).hexdigest())
 
     def load(self, name: str) -> Template:
-        """Read and validate template ``name``, and check its master picture is there, unchanged."""
+        """Read and validate template ``name``, and check its master picture is there, unchanged; a template
+        read before is read (its master hashed) again only when the folder, the file or the master changed."""
         path = self.path_for(name)
+        kept = self._loaded.get(name)
+        if kept is not None and kept[0] == self._stamps(path, kept[1]):
+            return kept[1]
+        template = self._read(name, path)
+        self._loaded[name] = (self._stamps(path, template), template)
+        return template
+
+    def _stamps(self, path: Path, template: Template) -> tuple[tuple[int, ...], ...]:
+        return file_stamp(self.folder), file_stamp(path), file_stamp(self.image_path(template))
+
+    def _read(self, name: str, path: Path) -> Template:
         if not path.is_file():
             raise TemplateError(
                 f"No template {name!r} in the library {self.folder}.", fix=self._unknown_fix(name)

@@ -27,7 +27,7 @@ def ensure_tiny_kit(folder: Path) -> Path:
         from studio.models.tiny import make_tiny_kit
 
         logger.warning("building the tiny model kit in %s (first use, a few seconds)", folder)
-        make_tiny_kit(folder, force=(folder / KIT_CATALOGUE).is_file())
+        make_tiny_kit(folder)  # rebuilds an older kit too: it is not current
     return folder
 
 
