@@ -421,3 +421,25 @@ def test_sdxl_matches_diffusers_and_pads(tiny_kit: Path) -> None:
         "pooled_prompt_embeds",
         "negative_pooled_prompt_embeds",
     }
+
+
+def test_cached_encoding_follows_a_text_encoder_change_between_states(pipe: StableDiffusionPipeline) -> None:
+    """A LoRA on the text encoder changes its output, the empty-prompt padding included: an encoder kept
+    across requests must give, under the new state, what a one-off encoding gives."""
+    from studio.draft.embeds import PromptEncoder
+
+    encoder, texts = PromptEncoder(), (["a photo of a (cat:1.3)"], ["blurry"])
+    before = encoder.encode(pipe, *texts, state="no lora")
+    norms = [m for m in pipe.text_encoder.modules() if isinstance(m, torch.nn.LayerNorm)]
+    bias = norms[-1].bias  # the final layer norm
+    with torch.no_grad():
+        bias += 0.5  # what a text-encoder LoRA does: other outputs for the same tokens
+    try:
+        after = encoder.encode(pipe, *texts, state="lora")
+        fresh = encode_prompts(pipe, *texts)
+    finally:
+        with torch.no_grad():
+            bias -= 0.5
+    assert not torch.allclose(before.prompt_embeds, after.prompt_embeds)
+    torch.testing.assert_close(after.prompt_embeds, fresh.prompt_embeds, atol=1e-6, rtol=0)
+    torch.testing.assert_close(after.negative_prompt_embeds, fresh.negative_prompt_embeds, atol=1e-6, rtol=0)

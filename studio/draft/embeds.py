@@ -96,8 +96,10 @@ class PromptEncoder:
     """
 
     def __init__(self, capacity: int = 64) -> None:
-        self._providers: dict[tuple[int, ...], _Providers] = {}
-        self._rows = Recent(capacity)  # (state, text) -> ([1, 77*k, C] row, [1, P] pooled | None)
+        # providers per (text-encoder set, state): compel keeps each provider's empty-prompt embedding (the
+        # padding and the base of weighted tokens), which a LoRA on the text encoder changes too
+        self._providers = Recent(8)
+        self._rows = Recent(capacity)  # (encoders, state, text) -> ([1, 77*k, C] row, [1, P] pooled | None)
 
     def encode(
         self,
@@ -111,8 +113,8 @@ class PromptEncoder:
         negatives = _normalize_batch(prompts, negatives)
         texts = [*prompts, *negatives]
         # 2. each distinct text once (cached per text-encoder state), then every row of the batch
-        providers = self._providers_for(pipe)
-        encoded = {text: self._row(providers, text, state) for text in dict.fromkeys(texts)}
+        encoders, providers = self._providers_for(pipe, state)
+        encoded = {t: self._row(providers, t, (encoders, state, t)) for t in dict.fromkeys(texts)}
         with torch.no_grad():
             window = torch.cat([p.empty_z.to(providers.device) for p in providers.rows], dim=-1)  # [1, 77, C]
             embeds = _pad_rows([encoded[t][0] for t in texts], window)  # [2B, 77*k, C]
@@ -131,19 +133,19 @@ class PromptEncoder:
             negative_pooled_prompt_embeds=None if pooled is None else pooled[batch:],
         )
 
-    def _providers_for(self, pipe: DiffusionPipeline) -> _Providers:
-        """The providers of ``pipe``'s text encoders (pipeline variants share them, and so the entry)."""
+    def _providers_for(self, pipe: DiffusionPipeline, state: Hashable) -> tuple[tuple[int, ...], _Providers]:
+        """``pipe``'s text-encoder set (pipeline variants share it) and its providers under ``state``."""
         parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
-        key = tuple(id(getattr(pipe, name, None)) for name in parts)
-        if key not in self._providers:
-            self._providers[key] = _prepare_providers(pipe)
-        return self._providers[key]
+        encoders = tuple(id(getattr(pipe, name, None)) for name in parts)
+        providers = self._providers.get((encoders, state))
+        if providers is None:
+            providers = self._providers.put((encoders, state), _prepare_providers(pipe))
+        return encoders, providers
 
     def _row(
-        self, providers: _Providers, text: str, state: Hashable
+        self, providers: _Providers, text: str, key: Hashable
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``text``'s ``[1, 77*k, C]`` embedding (and SDXL ``[1, P]`` pooled), from the cache when known."""
-        key = (state, text)
+        """``text``'s ``[1, 77*k, C]`` embedding (and SDXL ``[1, P]`` pooled), kept under ``key``."""
         found = self._rows.get(key)
         if found is not None:
             return found
