@@ -20,10 +20,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
-import torch
 
+from studio.models.runtime import apply_threads
 from studio.types import Face
 
 Timed = Callable[[], float]  # does the work once; returns the seconds that count
@@ -45,8 +44,7 @@ def bench_args(
     if batch is not None:
         parser.add_argument("--batch", type=int, default=batch, help=f"images per call (default {batch})")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)  # fixed, so both sides of each ratio run alike
-    cv2.setNumThreads(args.threads)
+    apply_threads(args.threads)  # torch and OpenCV, fixed, so both sides of each ratio run alike
     for name in ("diffusers", "transformers", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
     return args

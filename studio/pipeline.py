@@ -75,7 +75,7 @@ from studio.recipe import (
     recipe_from_image,
     request_from_recipe,
 )
-from studio.request import REFINE_OPTIONS, GenerateRequest
+from studio.request import GenerateRequest
 from studio.results import Draft, GenerateResult, Refined, Reproduction
 from studio.safety import content_check as configured_check
 from studio.types import Face, Identity, ImageBGR
@@ -102,7 +102,7 @@ class _RefineSetup:
     models: FaceModels
     identities: dict[str, Identity]
     settings: RefineConfig  # the config's refine section with the request's refine options applied
-    options: dict[str, Any]  # those options as the request gave them (None: the config's)
+    options: dict[str, Any]  # those options as the request gave them (GenerateRequest.refine_options)
     model_digests: dict[str, str] = field(default_factory=dict)  # role -> sha256
 
 
@@ -167,7 +167,7 @@ class Studio:
             return picture.recipe
         models, identities = self._refine_plan(cast, self._refine_settings(request))
         record = self._refine_record(cast, identities, {"status": "planned", "message": "", "faces_found": 0})
-        options = {key: getattr(request, key) for key in REFINE_OPTIONS}
+        options = request.refine_options()
         return self._refined_recipe(picture, record, {r: m.sha256 for r, m in models.items()}, options)
 
     def check_cast(self, request: GenerateRequest) -> None:
@@ -364,7 +364,11 @@ class Studio:
         path = Path(image_path)
         recipe = recipe_from_image(read_metadata(path, max_pixels=self.config.images.max_pixels).recipe, path)
         studio = self if use_current_config else self._under(recipe)
-        result, again = studio._repeat(recipe)
+        try:
+            result, again = studio._repeat(recipe)
+        finally:  # the recipe's Studio set its own thread counts for the process: this one's come back
+            if studio is not self:
+                apply_threads(self.config.runtime.threads)
         same = np.array_equal(read_image(result.outputs[0]), read_image(path))
         found = () if same else tuple(differences(recipe, again) or ["no recorded input differs"])
         return Reproduction(result, same, found)
@@ -404,15 +408,14 @@ class Studio:
         image = read_image(Path(image_path), max_pixels=self.config.images.max_pixels)  # HxWx3 uint8 BGR
         # 2. the faces and their embeddings, as refine sees them
         refine_config = self.config.refine
-        detector = resolve(refine_config.detector, "detector", self.config, self.catalogue)
-        recognizer = resolve(refine_config.recognizer, "recognizer", self.config, self.catalogue)
-        faces = detect_faces(image, load_face_model(detector, self.config, self.cache), refine_config.detect)
+        faces = self.faces(image)
         if not faces:
             raise TemplateError(
                 f"No face found in {image_path} (detector threshold {refine_config.detect.threshold:g}).",
                 fix="use a picture in which every person's face is visible and at least "
                 f"refine.detect.min_face {refine_config.detect.min_face} px.",
             )
+        recognizer = resolve(refine_config.recognizer, "recognizer", self.config, self.catalogue)
         embeddings = embed_faces(image, faces, load_face_model(recognizer, self.config, self.cache))
         # 3. saved with a copy of the picture (atomically)
         size = (image.shape[1], image.shape[0])  # width, height
@@ -506,7 +509,7 @@ class Studio:
         settings = self._refine_settings(request)
         models, identities = self._refine_plan(cast, settings)
         loaded = load_face_models(models, self.config, self.cache, settings)
-        options = {key: None if request is None else getattr(request, key) for key in REFINE_OPTIONS}
+        options = {} if request is None else request.refine_options()
         digests = {r: m.sha256 for r, m in models.items()}
         return _RefineSetup(cast, loaded, identities, settings, options, digests)
 
@@ -536,7 +539,7 @@ class Studio:
         model_digests: Mapping[str, str],
         options: Mapping[str, Any],
     ) -> Recipe:
-        """The recipe of a refined picture; ``options``: the request's refine options (REFINE_OPTIONS)."""
+        """The recipe of a refined picture; ``options``: the request's refine options."""
         models = {f"refine.{role}": sha for role, sha in model_digests.items()}
         if picture.recipe.draft is not None:  # a fresh draft: one recipe with both stages
             draft = picture.recipe

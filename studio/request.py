@@ -66,6 +66,10 @@ class GenerateRequest:
             option = "--" + spec.name.replace("_", "-")
             check_value(spec, _literal_of(hints[spec.name]), getattr(self, spec.name), option)
 
+    def refine_options(self) -> dict[str, Any]:
+        """The refine options (processors, blend, occlusion, regions; None: the config's), by field name."""
+        return {key: getattr(self, key) for key in REFINE_OPTIONS}
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: paths as strings, tuples as lists, None kept (the recipe's raw request)."""
         data = dataclasses.asdict(self)

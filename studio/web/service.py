@@ -59,7 +59,6 @@ class CampaignRun:
     thread: threading.Thread | None = None
     counts: dict[str, int] = field(default_factory=dict)
     error: str | None = None
-    finished: bool = False
 
     @property
     def running(self) -> bool:
@@ -338,11 +337,6 @@ class WebStudio:
         finally:
             store.close()
 
-    def uploaded_manifest(self, name: str) -> Path | None:
-        """The manifest uploaded for campaign ``name`` (None: it was run from elsewhere)."""
-        found = sorted((self.campaigns_folder / _checked_name(name) / MANIFEST_FOLDER).glob("*.toml"))
-        return found[0] if found else None
-
     def reroll(self, manifest: Path, item: str) -> None:
         """Queue one finished item again with a new seed, and render it."""
         campaign = self.campaign(manifest)
@@ -385,8 +379,6 @@ class WebStudio:
         except Exception as err:  # a background thread: record it, never lose it
             logger.exception("campaign %s failed", run.name)
             run.error = f"{type(err).__name__}: {err}"
-        finally:
-            run.finished = True
 
 
 def _accelerators() -> int:
