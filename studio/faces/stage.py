@@ -15,7 +15,7 @@ from typing import Any
 from studio.config import RefineConfig, StudioConfig
 from studio.faces.analysis import PictureAnalysis, analyse_picture
 from studio.faces.blend import blend_face
-from studio.faces.detect import embed_faces
+from studio.faces.detect import ARCFACE_SIZE, embed_crops
 from studio.faces.loading import load_face_model, load_onnx_model
 from studio.faces.masks import MaskModel
 from studio.faces.processors import PROCESSORS, FaceJob, FaceProcessor, SwapProcessor
@@ -148,7 +148,12 @@ def refine(
         timings[processor.name] = _ms(start)
     # 4. QA: ArcFace similarity of each result face (and of the original) to its identity
     start = time.perf_counter()
-    after = embed_faces(canvas, [job.face for job in jobs], models.recognizer)
+    # embed_faces' crops, cut with the alignments the analysis keeps (not estimated again per identity)
+    qa_crops = [
+        warp_to_crop(canvas, analysis.alignment(job.index, "arcface", ARCFACE_SIZE), ARCFACE_SIZE)
+        for job in jobs
+    ]
+    after = embed_crops(qa_crops, models.recognizer)
     swaps = [
         SwapEmbeddings(job.index, job.identity.name, job.identity.embedding, before[job.index], after[k])
         for k, job in enumerate(jobs)
