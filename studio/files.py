@@ -111,11 +111,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def file_stamp(path: Path) -> tuple[int, ...]:
+def file_stamp(path: str | os.PathLike[str]) -> tuple[int, ...]:
     """(size, mtime, inode) of ``path``, () when it is missing: what any change to it alters (a rewrite in
-    place changes the mtime, an atomic replace the inode)."""
+    place changes the mtime, an atomic replace the inode). One ``os.stat``: checked on every refine."""
     try:
-        stat = Path(path).stat()
+        stat = os.stat(path)
     except OSError:
         return ()
     return stat.st_size, stat.st_mtime_ns, stat.st_ino

@@ -688,7 +688,7 @@ class _Judged:
 
 def _file_stamps(models: Mapping[str, ResolvedModel]) -> tuple[tuple[int, ...], ...]:
     """The stamps of each resolved model file: what a replaced or edited file changes."""
-    return tuple(file_stamp(Path(model.location)) for model in models.values())
+    return tuple(file_stamp(model.location) for model in models.values())
 
 
 class _RunLog:

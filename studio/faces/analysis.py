@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from studio.config import DetectConfig, MaskConfig
-from studio.faces.blend import LabStats, lab_stats
+from studio.faces.blend import ColourStats, colour_stats
 from studio.faces.detect import detect_faces, embed_faces
 from studio.faces.masks import MaskModel, face_mask
 from studio.geometry import AlignTemplate, estimate_alignment, rescale_affine, warp_to_crop
@@ -82,11 +82,11 @@ class PictureAnalysis:
         size: int,
         settings: MaskConfig,
         models: tuple[MaskModel | None, MaskModel | None],
-    ) -> LabStats | None:
-        """The original crop's LAB statistics inside its :meth:`mask` (the colour-match target)."""
+    ) -> ColourStats | None:
+        """The original crop's YCbCr mean and std inside its :meth:`mask` (the colour-match target)."""
         return self._keep(
             ("colour", index, template, size, settings, models),
-            lambda: lab_stats(
+            lambda: colour_stats(
                 self.original(image, index, template, size),
                 self.mask(image, index, template, size, settings, models),
             ),

@@ -26,6 +26,7 @@ _ELLIPSE_WIDTH = 0.85
 # Reinhard's std ratio is clamped so that a flat (e.g. shadowed) source channel is not blown up.
 _STD_RATIO_RANGE = (0.25, 4.0)
 _MIN_WEIGHT = 1e-3  # total mask weight below which there is nothing to measure
+_FLAT_STD = 0.5  # a source channel varying by less than half a level is flat: shifted, never scaled
 
 
 @functools.lru_cache(maxsize=32)
@@ -53,44 +54,55 @@ def crop_mask(size: int, settings: MaskConfig) -> Mask:
     return mask
 
 
-LabStats = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]  # (3,) mean and (3,) std of L, a, b
+# Colour statistics live in YCbCr (BT.601 full range, JPEG's): a luma / chroma space where skin tones are
+# compared channel by channel. It is linear in B, G, R, so the whole Reinhard transfer (each channel's
+# mean and std moved to the target's) is one 3x4 colour matrix applied to the crop's bytes in one pass:
+# no per-pixel conversion back from a float colour space. Rows: Y, Cb, Cr (no offsets); columns: B, G, R.
+_BGR_TO_YCC = np.array(
+    [[0.114, 0.587, 0.299], [0.5, -0.331264, -0.168736], [-0.081312, -0.418688, 0.5]], dtype=np.float64
+)
+_YCC_TO_BGR = np.linalg.inv(_BGR_TO_YCC)
+
+ColourStats = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]  # (3,) mean and (3,) std of Y, Cb, Cr
 
 
-def lab_stats(crop: ImageBGR, mask: Mask) -> LabStats | None:
-    """LAB mean and std of ``crop`` weighted by ``mask``; None for an empty mask (nothing to measure).
-
-    BGR -> LAB here is a model-boundary conversion: skin statistics are compared in a perceptual space."""
-    weights = np.asarray(mask, dtype=np.float32).reshape(-1)  # HxW -> (H*W,) float32
+def colour_stats(crop: ImageBGR, mask: Mask) -> ColourStats | None:
+    """YCbCr mean and std of ``crop`` weighted by ``mask``; None for an empty mask (nothing to measure)."""
+    weights = np.asarray(mask, dtype=np.float32)  # HxW
     total = float(weights.sum(dtype=np.float64))
     if total < _MIN_WEIGHT:
         return None
-    return _weighted_stats(_to_lab(crop), weights, total)
+    ycc = cv2.transform(crop.astype(np.float32), _BGR_TO_YCC.astype(np.float32))  # HxWx3 float32 Y, Cb, Cr
+    # per-pixel products in cv2, one pass each (numpy broadcasts over a length-3 inner loop, 10x slower);
+    # cv2.sumElems adds up each channel in double precision
+    weighted = cv2.multiply(ycc, cv2.merge((weights, weights, weights)))  # HxWx3 float32
+    mean = np.asarray(cv2.sumElems(weighted)[:3], dtype=np.float64) / total  # (3,)
+    squares = np.asarray(cv2.sumElems(cv2.multiply(weighted, ycc))[:3], dtype=np.float64) / total
+    return mean, np.sqrt(np.maximum(squares - mean * mean, 0.0))
 
 
-def match_colour(source: ImageBGR, target: ImageBGR | LabStats | None, mask: Mask) -> ImageBGR:
-    """``source`` shifted to ``target``'s LAB mean and std inside ``mask`` (Reinhard colour transfer).
+def match_colour(source: ImageBGR, target: ImageBGR | ColourStats | None, mask: Mask) -> ImageBGR:
+    """``source`` with its YCbCr mean and std inside ``mask`` moved to ``target``'s (Reinhard transfer).
 
-    ``target``: the target crop, or its :func:`lab_stats` computed once (one picture's faces keep theirs).
-    An all-zero mask leaves nothing to measure (and nothing to paste): ``source`` comes back unchanged.
+    ``target``: the target crop, or its :func:`colour_stats` computed once (one picture's faces keep
+    theirs). An all-zero mask leaves nothing to measure (and nothing to paste): ``source`` comes back
+    unchanged. The std ratio is clamped, and a flat source channel is shifted, never scaled.
     """
     if isinstance(target, np.ndarray):
         _check_same_crops(source, target, mask)
-        target = lab_stats(target, mask)
-    weights = np.asarray(mask, dtype=np.float32).reshape(-1)  # HxW -> (H*W,) float32
-    total = float(weights.sum(dtype=np.float64))
-    if target is None or total < _MIN_WEIGHT:
+        target = colour_stats(target, mask)
+    measured = colour_stats(source, mask)
+    if target is None or measured is None:
         logger.debug("colour match skipped: the mask is empty")
         return source.copy()
-    source_lab = _to_lab(source)
-    source_mean, source_std = _weighted_stats(source_lab, weights, total)
-    target_mean, target_std = target
-    safe_std = np.maximum(source_std, 1e-6)
-    ratio = np.where(source_std > 1e-3, np.clip(target_std / safe_std, *_STD_RATIO_RANGE), 1.0)  # (3,)
-    # lab * ratio + (target_mean - source_mean * ratio), per channel, as one 3x4 matrix over L, a, b
-    transfer = np.zeros((3, 4), dtype=np.float32)
-    np.fill_diagonal(transfer, ratio)
-    transfer[:, 3] = target_mean - source_mean * ratio
-    return _from_lab(cv2.transform(source_lab, transfer))  # HxWx3 float32 L, a, b -> same layout
+    (source_mean, source_std), (target_mean, target_std) = measured, target
+    flat = source_std <= _FLAT_STD
+    ratio = np.where(flat, 1.0, np.clip(target_std / np.maximum(source_std, _FLAT_STD), *_STD_RATIO_RANGE))
+    # ycc' = ratio * (ycc - source_mean) + target_mean, carried back to BGR: bgr' = M @ bgr + offset
+    transfer = np.empty((3, 4), dtype=np.float64)
+    transfer[:, :3] = _YCC_TO_BGR @ np.diag(ratio) @ _BGR_TO_YCC
+    transfer[:, 3] = _YCC_TO_BGR @ (target_mean - ratio * source_mean)
+    return cv2.transform(source, transfer.astype(np.float32))  # one pass, rounded and saturated to 0..255
 
 
 def blend_face(
@@ -102,7 +114,7 @@ def blend_face(
     original_crop: ImageBGR | None = None,
     colour_match: bool = True,
     mask: Mask | None = None,
-    colour: LabStats | None = None,
+    colour: ColourStats | None = None,
     strength: float = 1.0,
     poisson: bool = False,
     inplace: bool = False,
@@ -112,7 +124,7 @@ def blend_face(
     ``original_crop`` is the target's aligned crop before swapping (any size; resized to the swapped crop's):
     the colour reference. ``mask`` (crop space, the swapped crop's side) replaces the box/ellipse of
     ``settings`` — e.g. :func:`studio.faces.masks.face_mask`, which also leaves occluders out — and
-    ``colour`` the reference's :func:`lab_stats`, when the caller already has them. ``strength`` < 1 mixes
+    ``colour`` the reference's :func:`colour_stats`, when the caller already has them. ``strength`` < 1 mixes
     the result with the canvas; ``poisson`` pastes with ``cv2.seamlessClone`` (in the face's ROI only).
     A new canvas comes back, or with ``inplace`` the caller's own, changed in the face's region alone.
     """
@@ -132,34 +144,6 @@ def blend_face(
     # 4. paste back inside the face's region only
     weights = mask if strength == 1.0 else np.multiply(mask, np.float32(strength))
     return paste_back(canvas, swapped_crop, affine, weights, inplace=inplace, poisson=poisson)
-
-
-def _to_lab(image: ImageBGR) -> npt.NDArray[np.float32]:
-    """BGR uint8 -> LAB float32 (L 0..100, a and b about -128..127), HxWx3."""
-    scaled = np.multiply(image, np.float32(1.0 / 255.0), dtype=np.float32)  # HxWx3 float32 BGR in [0, 1]
-    return cv2.cvtColor(scaled, cv2.COLOR_BGR2LAB)  # HxWx3 float32 L, a, b
-
-
-def _from_lab(lab: npt.NDArray[np.float32]) -> ImageBGR:
-    """LAB float32 (any values; L clipped to 0..100) -> BGR uint8, clipped to the displayable range."""
-    np.clip(lab[:, :, 0], 0.0, 100.0, out=lab[:, :, 0])  # the L plane, a strided HxW view, in place
-    bgr = cv2.cvtColor(lab, cv2.COLOR_LAB2BGR)  # HxWx3 float32 L, a, b -> B, G, R about [0, 1]
-    # x255, rounded half to even, saturated to 0..255 (negatives first clipped to 0: convertScaleAbs
-    # would reflect them): np.clip(np.rint(bgr * 255), 0, 255).astype(np.uint8) in two cv2 passes
-    return cv2.convertScaleAbs(cv2.max(bgr, 0.0), alpha=255.0)
-
-
-def _weighted_stats(
-    lab: npt.NDArray[np.float32], weights: npt.NDArray[np.float32], total: float
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """Per-channel mean and std of an HxWx3 image, weighted by ``weights`` (H*W,) summing to ``total``."""
-    pixels = lab.reshape(-1, 3)  # HxWx3 -> (H*W, 3) float32 L, a, b
-    mean = (weights @ pixels).astype(np.float64) / total  # (3,): one float32 matrix product
-    # cv2 subtracts a per-channel scalar in one pass (numpy broadcasts over a length-3 inner loop, 10x slower)
-    centred = cv2.subtract(lab, (*mean.tolist(), 0.0))  # HxWx3 float32
-    squares = cv2.multiply(centred, centred).reshape(-1, 3)  # HxWx3 -> (H*W, 3) float32
-    variance = (weights @ squares).astype(np.float64) / total  # (3,)
-    return mean, np.sqrt(variance)
 
 
 def _square_size(crop: ImageBGR, name: str) -> int:

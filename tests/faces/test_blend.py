@@ -1,4 +1,4 @@
-"""Crop-space masks, Reinhard colour matching and the blend that pastes a swapped face back."""
+"""Crop-space masks, Reinhard colour matching (YCbCr) and the blend that pastes a swapped face back."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import skimage.data
 from studio import geometry
 from studio.config import MaskConfig
 from studio.errors import ConfigError, InputError
-from studio.faces.blend import blend_face, crop_mask, lab_stats, match_colour
+from studio.faces.blend import blend_face, colour_stats, crop_mask, match_colour
 
 # Eileen Collins' pupils, nose tip, mouth corners in skimage.data.astronaut(), (x, y) px; see test_geometry.
 ASTRONAUT_LANDMARKS = np.array(
@@ -114,6 +114,10 @@ def test_match_colour_brings_source_to_target_statistics() -> None:
     assert np.abs(before_mean - target_mean).max() > 6 and np.abs(before_std - target_std).max() > 3
     matched = match_colour(source, target, mask)
     assert matched.shape == source.shape and matched.dtype == np.uint8
+    matched_mean, matched_std = _ycc_stats(matched, mask)  # the statistics it moves: exact in YCbCr
+    goal_mean, goal_std = _ycc_stats(target, mask)
+    assert np.abs(matched_mean - goal_mean).max() < 0.5 and np.abs(matched_std - goal_std).max() < 0.5
+    # and perceptually: the LAB statistics land on the target's too
     after_mean, after_std = _lab_stats(matched, mask)
     assert np.abs(after_mean - target_mean).max() < 1.0
     assert np.abs(after_std - target_std).max() < 1.0
@@ -123,25 +127,38 @@ def test_match_colour_brings_source_to_target_statistics() -> None:
     assert np.corrcoef(source_l, matched_l)[0, 1] > 0.995
 
 
-def _reinhard_float64(source: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Reinhard transfer written plainly in float64 (test oracle for the float32 implementation)."""
-    to_lab = [cv2.cvtColor(img.astype(np.float32) / 255, cv2.COLOR_BGR2LAB) for img in (source, target)]
-    source_lab, target_lab = (lab.reshape(-1, 3).astype(np.float64) for lab in to_lab)  # HxWx3 -> (H*W, 3)
+# BT.601 full-range YCbCr (JPEG's), written out plainly: Y, Cb, Cr from R, G, B
+def _ycc_float64(image: np.ndarray) -> np.ndarray:
+    b, g, r = (image[:, :, k].astype(np.float64) for k in range(3))
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    return np.stack([y, (b - y) * 0.564 + 128, (r - y) * 0.713 + 128], axis=-1)  # HxWx3 Y, Cb, Cr
+
+
+def _bgr_float64(ycc: np.ndarray) -> np.ndarray:
+    y, cb, cr = ycc[:, :, 0], ycc[:, :, 1] - 128, ycc[:, :, 2] - 128
+    r, b = y + cr / 0.713, y + cb / 0.564
+    g = (y - 0.299 * r - 0.114 * b) / 0.587
+    return np.stack([b, g, r], axis=-1)  # HxWx3 B, G, R
+
+
+def _ycc_stats(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ycc = _ycc_float64(image).reshape(-1, 3)  # HxWx3 -> (H*W, 3)
     weights = mask.reshape(-1).astype(np.float64)  # HxW -> (H*W,)
-    stats = []
-    for lab in (source_lab, target_lab):
-        mean = weights @ lab / weights.sum()
-        stats.append((mean, np.sqrt(weights @ (lab - mean) ** 2 / weights.sum())))
-    (source_mean, source_std), (target_mean, target_std) = stats
+    mean = weights @ ycc / weights.sum()
+    return mean, np.sqrt(weights @ (ycc - mean) ** 2 / weights.sum())
+
+
+def _reinhard_float64(source: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Reinhard transfer in YCbCr written plainly in float64, pixel by pixel (test oracle for the closed-form
+    colour matrix)."""
+    (source_mean, source_std), (target_mean, target_std) = (_ycc_stats(i, mask) for i in (source, target))
     ratio = np.clip(target_std / source_std, 0.25, 4.0)
-    matched = ((source_lab - source_mean) * ratio + target_mean).reshape(source.shape)  # (H*W, 3) -> HxWx3
-    matched[:, :, 0] = np.clip(matched[:, :, 0], 0, 100)
-    bgr = cv2.cvtColor(matched.astype(np.float32), cv2.COLOR_LAB2BGR)  # HxWx3 L, a, b -> B, G, R in [0, 1]
-    return np.clip(np.rint(bgr * 255), 0, 255).astype(np.uint8)
+    matched = (_ycc_float64(source) - source_mean) * ratio + target_mean  # HxWx3 Y, Cb, Cr
+    return np.clip(np.rint(_bgr_float64(matched)), 0, 255).astype(np.uint8)
 
 
 @pytest.mark.parametrize(("shift", "scale"), [((-12.0, 9.0, -7.0), 0.7), ((20.0, -15.0, 10.0), 1.6)])
-def test_match_colour_is_within_a_level_of_a_float64_transfer(
+def test_match_colour_is_within_a_level_of_a_float64_ycbcr_transfer(
     shift: tuple[float, float, float], scale: float
 ) -> None:
     target, _ = _face_crop(_astronaut())
@@ -255,9 +272,9 @@ def test_precomputed_colour_stats_match_the_reference_crop() -> None:
     tinted = np.clip(crop.astype(int) + np.array([40, -20, 10]), 0, 255).astype(np.uint8)
     mask = crop_mask(crop.shape[0], MaskConfig())
     np.testing.assert_array_equal(
-        match_colour(tinted, crop, mask), match_colour(tinted, lab_stats(crop, mask), mask)
+        match_colour(tinted, crop, mask), match_colour(tinted, colour_stats(crop, mask), mask)
     )
-    assert lab_stats(crop, np.zeros_like(mask)) is None
+    assert colour_stats(crop, np.zeros_like(mask)) is None
 
 
 def test_blend_face_pastes_an_upscaled_crop() -> None:
