@@ -68,17 +68,16 @@ ColourStats = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]  # (3,) me
 
 def colour_stats(crop: ImageBGR, mask: Mask) -> ColourStats | None:
     """YCbCr mean and std of ``crop`` weighted by ``mask``; None for an empty mask (nothing to measure)."""
-    weights = np.asarray(mask, dtype=np.float32)  # HxW
+    weights = np.asarray(mask, dtype=np.float32).reshape(-1)  # HxW -> (H*W,)
     total = float(weights.sum(dtype=np.float64))
     if total < _MIN_WEIGHT:
         return None
     ycc = cv2.transform(crop.astype(np.float32), _BGR_TO_YCC.astype(np.float32))  # HxWx3 float32 Y, Cb, Cr
-    # per-pixel products in cv2, one pass each (numpy broadcasts over a length-3 inner loop, 10x slower);
-    # cv2.sumElems adds up each channel in double precision
-    weighted = cv2.multiply(ycc, cv2.merge((weights, weights, weights)))  # HxWx3 float32
-    mean = np.asarray(cv2.sumElems(weighted)[:3], dtype=np.float64) / total  # (3,)
-    squares = np.asarray(cv2.sumElems(cv2.multiply(weighted, ycc))[:3], dtype=np.float64) / total
-    return mean, np.sqrt(np.maximum(squares - mean * mean, 0.0))
+    squares = cv2.multiply(ycc, ycc)  # HxWx3 float32, one pass
+    # weighted sums as (H*W,) x (H*W, 3) float32 products: no weighted copy of the crop is made
+    mean = (weights @ ycc.reshape(-1, 3)).astype(np.float64) / total  # (3,)
+    second = (weights @ squares.reshape(-1, 3)).astype(np.float64) / total  # (3,)
+    return mean, np.sqrt(np.maximum(second - mean * mean, 0.0))
 
 
 def match_colour(source: ImageBGR, target: ImageBGR | ColourStats | None, mask: Mask) -> ImageBGR:
