@@ -51,6 +51,9 @@ Bits = npt.NDArray[np.uint8]  # (PAYLOAD_BITS,) 0/1, MSB of byte 0 first
 _PREFIX_BYTES = 3
 _DCT_SCALE = 36.0  # invisible-watermark's default quantisation step on the U channel (both DCT methods)
 _DCT_BLOCK = 4  # px of the DWT band per bit block (the library's default)
+# A block whose colours clip on the way back to 8-bit BGR can lose its bit; marking the marked picture again
+# restores it (the quantised value is re-set from what the picture now holds): at most this many passes.
+_DCT_PASSES = 3
 _RIVA_MIN_SIDE = 256  # px; below it RivaGAN's decoder misses bits on clean pictures
 _RIVA_THRESHOLD = 0.0  # the decoder returns logits; invisible-watermark cuts at 0.52, equivalent in practice
 
@@ -122,7 +125,18 @@ class Watermarker:
         # 2. embed
         if self._sessions is not None:
             return _forward_riva_encode(self._sessions[0], image, bits)
-        return _embed_dct(image, bits, self.method)
+        marked = _embed_dct(image, bits, self.method)
+        for _ in range(_DCT_PASSES - 1):  # 3. check that it reads back; mark again where clipping lost bits
+            if np.array_equal(_decode_dct(marked, self.method), bits):
+                return marked
+            marked = _embed_dct(marked, bits, self.method)
+        if not np.array_equal(_decode_dct(marked, self.method), bits):
+            logger.warning(
+                "the %s watermark does not read back from this %dx%d picture after %d passes (saturated "
+                "colours clip its bits); `studio verify` will not find it",
+                self.method, image.shape[1], image.shape[0], _DCT_PASSES,
+            )  # fmt: skip
+        return marked
 
     def decode(self, image: ImageBGR) -> bytes | None:
         """The payload a picture carries, or None when it has no valid mark (CRC mismatch, too small)."""

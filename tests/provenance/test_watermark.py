@@ -109,6 +109,23 @@ def test_tiny_draft_size_carries_the_default_mark(tmp_path: Path) -> None:
         assert decoded is not None and recipe_prefix(decoded) == RECIPE_ID[:6]
 
 
+def test_default_marks_read_back_from_saturated_colours(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # pure 0 / 255 colours clip the marked U channel on the way back to 8-bit BGR: one pass loses bits
+    # (every payload below, without the read-back check), marking the marked picture again restores them
+    noise = np.random.default_rng(3).choice([0, 255], (64, 64, 3)).astype(np.uint8)
+    marker = Watermarker(DEFAULT)
+    for k in range(8):
+        recipe_id = hashlib.sha256(f"recipe {k}".encode()).hexdigest()
+        decoded = marker.decode(png_round_trip(marker.embed(noise, payload_for(recipe_id)), tmp_path))
+        assert decoded is not None and matches(decoded, recipe_id)
+    # flat saturated blocks cannot carry a bit at all: said in a warning, never silently
+    blocks = np.kron(np.random.default_rng(3).choice([0, 255], (16, 16, 3)), np.ones((4, 4, 1)))
+    marker.embed(blocks.astype(np.uint8), payload_for(RECIPE_ID))
+    assert "does not read back" in caplog.text
+
+
 def test_default_mark_is_invisible() -> None:
     image = picture("coffee", 512, 768)
     marked = Watermarker(DEFAULT).embed(image, payload_for(RECIPE_ID))
