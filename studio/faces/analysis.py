@@ -117,7 +117,9 @@ def analyse_picture(
     cache: ModelCache,
 ) -> PictureAnalysis:
     """The picture's analysis, computed once: every identity and slot map applied to one draft shares it."""
-    digest = hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).hexdigest()  # no copy
+    # every refine of the picture hashes it (so a changed picture never reuses another's faces): SHA-256 runs
+    # on the CPU's SHA extensions where present, about twice as fast as BLAKE2b on a 1024² picture
+    digest = hashlib.sha256(np.ascontiguousarray(image).data).hexdigest()  # no copy
     key = (digest, image.shape, id(detector), recognizer_sha256, settings)
     recent = cache.get(("face-analyses",), lambda: Recent(ANALYSED_PICTURES))
     found = recent.get(key)
