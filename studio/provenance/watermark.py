@@ -53,7 +53,10 @@ _DCT_SCALE = 36.0  # invisible-watermark's default quantisation step on the U ch
 _DCT_BLOCK = 4  # px of the DWT band per bit block (the library's default)
 # A block whose colours clip on the way back to 8-bit BGR can lose its bit; marking the marked picture again
 # restores it (the quantised value is re-set from what the picture now holds): at most this many passes.
+# Each bit is a majority vote over its blocks, so only a picture with few blocks per bit (a 64x64 tiny
+# output has 2) can lose one this way: those are read back; larger ones skip the decode it costs.
 _DCT_PASSES = 3
+_DCT_CHECKED_BLOCKS_PER_BIT = 16
 _RIVA_MIN_SIDE = 256  # px; below it RivaGAN's decoder misses bits on clean pictures
 _RIVA_THRESHOLD = 0.0  # the decoder returns logits; invisible-watermark cuts at 0.52, equivalent in practice
 
@@ -126,6 +129,8 @@ class Watermarker:
         if self._sessions is not None:
             return _forward_riva_encode(self._sessions[0], image, bits)
         marked = _embed_dct(image, bits, self.method)
+        if _dct_blocks(image.shape[0], image.shape[1]) >= _DCT_CHECKED_BLOCKS_PER_BIT * PAYLOAD_BITS:
+            return marked
         for _ in range(_DCT_PASSES - 1):  # 3. check that it reads back; mark again where clipping lost bits
             if np.array_equal(_decode_dct(marked, self.method), bits):
                 return marked
@@ -157,7 +162,7 @@ class Watermarker:
         """Whether an HxW picture can carry the payload with this method."""
         if self.method == "rivaGan":
             return min(height, width) >= _RIVA_MIN_SIDE
-        return (height // 8) * (width // 8) >= PAYLOAD_BITS  # 4x4 blocks of the half-size DWT band
+        return _dct_blocks(height, width) >= PAYLOAD_BITS
 
     def _minimum(self) -> str:
         if self.method == "rivaGan":
@@ -176,6 +181,11 @@ class Watermarker:
 #    the picture beyond the mark (lower PSNR) without touching the approximation band the mark lives in.
 # The per-block algorithm (``encode_frame``) and the decoder are the library's own, unchanged, so marks
 # stay readable by invisible-watermark's WatermarkDecoder and the other way round.
+
+
+def _dct_blocks(height: int, width: int) -> int:
+    """The 4x4 blocks of the half-size DWT band an HxW picture has: each carries one payload bit."""
+    return (height // 8) * (width // 8)
 
 
 def _dct_embedder(method: WatermarkMethod, bits: Bits | None) -> Any:
@@ -202,7 +212,7 @@ def _embed_dct(image: ImageBGR, bits: Bits, method: WatermarkMethod) -> ImageBGR
 
 
 def _decode_dct(image: ImageBGR, method: WatermarkMethod) -> Bits:
-    if (image.shape[0] // 8) * (image.shape[1] // 8) < PAYLOAD_BITS:
+    if _dct_blocks(image.shape[0], image.shape[1]) < PAYLOAD_BITS:
         return np.zeros(PAYLOAD_BITS, np.uint8)  # no block for some bits: nothing to read
     scores = _dct_embedder(method, None).decode(image)  # (32,) bool, majority over each bit's blocks
     return np.asarray(scores, np.uint8)
