@@ -62,6 +62,7 @@ _BGR_TO_YCC = np.array(
     [[0.114, 0.587, 0.299], [0.5, -0.331264, -0.168736], [-0.081312, -0.418688, 0.5]], dtype=np.float64
 )
 _YCC_TO_BGR = np.linalg.inv(_BGR_TO_YCC)
+_BGR_TO_YCC_F32 = _BGR_TO_YCC.astype(np.float32)  # what cv2.transform takes for a float32 crop
 
 ColourStats = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]  # (3,) mean and (3,) std of Y, Cb, Cr
 
@@ -72,7 +73,7 @@ def colour_stats(crop: ImageBGR, mask: Mask) -> ColourStats | None:
     total = float(weights.sum(dtype=np.float64))
     if total < _MIN_WEIGHT:
         return None
-    ycc = cv2.transform(crop.astype(np.float32), _BGR_TO_YCC.astype(np.float32))  # HxWx3 float32 Y, Cb, Cr
+    ycc = cv2.transform(crop.astype(np.float32), _BGR_TO_YCC_F32)  # HxWx3 float32 Y, Cb, Cr
     squares = cv2.multiply(ycc, ycc)  # HxWx3 float32, one pass
     # weighted sums as (H*W,) x (H*W, 3) float32 products: no weighted copy of the crop is made
     mean = (weights @ ycc.reshape(-1, 3)).astype(np.float64) / total  # (3,)
