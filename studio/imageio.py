@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import numpy.typing as npt
 from PIL import ExifTags, Image, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from studio.errors import ConfigError, ImageError, OutputError
@@ -153,6 +154,28 @@ def from_pil(image: Image.Image) -> ImageBGR:
         )
     rgb = _normalize_mode(image)  # HxWx3 uint8 RGB
     return np.ascontiguousarray(rgb[:, :, ::-1])  # RGB -> BGR, HxWx3 uint8
+
+
+def planes_to_bgr(
+    planes: npt.NDArray[np.floating], *, low: float = 0.0, high: float = 1.0, rgb: bool = True
+) -> ImageBGR:
+    """A model's float output planes (3xHxW, RGB unless ``rgb`` is False) in [low, high] -> a C-contiguous
+    HxWx3 uint8 BGR picture, rounded (half to even) and saturated (model boundary).
+
+    The arithmetic runs on the contiguous planes and the bytes are laid out once: a picture left as a
+    transposed view of the planes costs every later OpenCV call on it a strided copy (about ten times the
+    call itself on a 128-px crop)."""
+    if planes.ndim != 3 or planes.shape[0] != 3:
+        raise ImageError(f"Model output planes of shape {planes.shape}.", fix="pass 3xHxW float planes.")
+    scale = 255.0 / (high - low)
+    levels = np.multiply(planes, scale) if low == 0.0 else np.multiply(np.subtract(planes, low), scale)
+    np.rint(levels, out=levels)
+    np.clip(levels, 0, 255, out=levels)
+    channels = levels.astype(np.uint8)  # 3xHxW
+    picture = np.empty((*channels.shape[1:], 3), dtype=np.uint8)  # HxWx3 BGR
+    for column, plane in enumerate((2, 1, 0) if rgb else (0, 1, 2)):  # RGB planes -> B, G, R columns
+        picture[:, :, column] = channels[plane]
+    return picture
 
 
 def format_parameters(prompt: str, negative: str, settings: Mapping[str, object]) -> str:

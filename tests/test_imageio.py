@@ -498,3 +498,18 @@ def test_module_never_uses_cv2_imread() -> None:
     source = Path(imageio.__file__).read_text(encoding="utf-8")
     assert "imread" not in source and "print(" not in source
     assert json.loads(json.dumps(ALLOWED_FORMATS)) == ["PNG", "JPEG", "WEBP"]
+
+
+@pytest.mark.parametrize(("low", "rgb"), [(0.0, True), (-1.0, True), (-1.0, False)])
+def test_planes_to_bgr_rounds_saturates_and_lays_out_bgr_contiguously(low: float, rgb: bool) -> None:
+    rng = np.random.default_rng(3)
+    planes = rng.uniform(low - 0.2, 1.2, size=(3, 17, 23)).astype(np.float32)  # 3xHxW, some out of range
+    picture = imageio.planes_to_bgr(planes, low=low, rgb=rgb)
+    levels = np.clip(np.rint((planes.astype(np.float64) - low) * 255.0 / (1.0 - low)), 0, 255)  # 3xHxW
+    expected = levels[::-1] if rgb else levels  # B, G, R planes
+    assert picture.shape == (17, 23, 3) and picture.dtype == np.uint8 and picture.flags.c_contiguous
+    assert np.abs(picture.astype(np.int16) - expected.transpose(1, 2, 0)).max() <= 1  # float32 vs float64
+    assert (picture == expected.transpose(1, 2, 0)).mean() > 0.99
+    assert picture.min() == 0 and picture.max() == 255  # saturated, never wrapped
+    with pytest.raises(ImageError, match="3xHxW"):
+        imageio.planes_to_bgr(planes[:2])

@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from studio.config import DetectConfig, MaskConfig
 from studio.faces.blend import ColourStats, colour_stats
-from studio.faces.detect import detect_faces, embed_faces
+from studio.faces.detect import ARCFACE_SIZE, EMBEDDING_SIZE, detect_faces, embed_crops
 from studio.faces.masks import MaskModel, face_mask
 from studio.geometry import AlignTemplate, estimate_alignment, rescale_affine, warp_to_crop
 from studio.models.cache import ModelCache, Recent
@@ -41,6 +41,15 @@ class PictureAnalysis:
     embeddings: npt.NDArray[np.float32]
     _kept: dict[Hashable, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def of(cls, image: ImageBGR, faces: tuple[Face, ...], recognizer: Any) -> PictureAnalysis:
+        """The analysis of ``faces`` in ``image``, embedded (one batch) from the 112-px ArcFace crops it then
+        keeps, with their alignments: the QA crops of every later refine are cut with those same affines."""
+        analysis = cls(faces, np.empty((0, EMBEDDING_SIZE), dtype=np.float32))
+        crops = [analysis.original(image, index, "arcface", ARCFACE_SIZE) for index in range(len(faces))]
+        analysis.embeddings = embed_crops(crops, recognizer)  # (N, 512) L2-normed
+        return analysis
 
     def alignment(self, index: int, template: AlignTemplate, size: int) -> Affine:
         """Face ``index``'s affine onto ``template`` in a ``size``-px crop (sizes above the template's own
@@ -125,7 +134,7 @@ def analyse_picture(
     found = recent.get(key)
     if found is None:
         faces = detect_faces(image, detector, settings)
-        found = recent.put(key, PictureAnalysis(faces, embed_faces(image, faces, recognizer)))
+        found = recent.put(key, PictureAnalysis.of(image, faces, recognizer))
     return found
 
 

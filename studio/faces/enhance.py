@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from studio.errors import InputError, ModelError
+from studio.imageio import planes_to_bgr
 from studio.models.catalogue import ModelEntry
 from studio.types import ImageBGR
 
@@ -81,6 +82,4 @@ def _forward_enhancer(enhancer: FaceEnhancer, blob: npt.NDArray[np.float32]) -> 
 
 def _normalize_output(pred: npt.NDArray[np.float32]) -> ImageBGR:
     """(1, 3, H, W) float RGB in [-1, 1] -> HxWx3 uint8 BGR, rounded."""
-    hwc = (np.clip(pred[0], -1.0, 1.0) + 1.0) / 2.0  # 3xHxW in [0, 1]
-    bgr = hwc.transpose(1, 2, 0)[:, :, ::-1]  # 3xHxW RGB -> HxWx3 BGR
-    return np.rint(bgr * 255.0).astype(np.uint8)
+    return planes_to_bgr(pred[0], low=-1.0)  # 3xHxW RGB -> HxWx3 BGR, contiguous

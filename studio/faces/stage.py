@@ -148,7 +148,7 @@ def refine(
         timings[processor.name] = _ms(start)
     # 4. QA: ArcFace similarity of each result face (and of the original) to its identity
     start = time.perf_counter()
-    # embed_faces' crops, cut with the alignments the analysis keeps (not estimated again per identity)
+    # cut as the analysis cut the picture's own ArcFace crops, with the alignments it keeps
     qa_crops = [
         warp_to_crop(canvas, analysis.alignment(job.index, "arcface", ARCFACE_SIZE), ARCFACE_SIZE)
         for job in jobs

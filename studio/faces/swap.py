@@ -21,6 +21,7 @@ from studio.config import RefineConfig, Toggle
 from studio.errors import InputError, ModelError
 from studio.faces.blend import blend_face
 from studio.geometry import estimate_alignment, rescale_affine, warp_to_crop
+from studio.imageio import planes_to_bgr
 from studio.models.cache import ModelCache
 from studio.types import Affine, Embedding, Face, ImageBGR
 
@@ -195,9 +196,7 @@ def _forward_inswapper(swapper: Swapper, blob: SwapBlob, latent: Latent) -> npt.
 
 def _normalize_output(pred: npt.NDArray[np.float32]) -> ImageBGR:
     """(1, 3, S, S) float RGB in [0, 1] -> SxSx3 uint8 BGR, rounded (insightface truncates: -0.5 level)."""
-    hwc = pred[0].transpose(1, 2, 0)  # 1x3xSxS -> SxSx3 RGB
-    bgr = hwc[:, :, ::-1]  # RGB -> BGR (reverse the channel axis): back from the model boundary
-    return np.clip(np.rint(bgr * 255.0), 0, 255).astype(np.uint8)  # a fresh contiguous array
+    return planes_to_bgr(pred[0])  # 3xSxS RGB -> SxSx3 BGR, contiguous
 
 
 def swap_size(swapper: Swapper) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 
 from studio.compat import import_realesrgan
 from studio.errors import InputError, ModelError, UnsafeFileError
+from studio.imageio import planes_to_bgr
 from studio.models.catalogue import ModelEntry
 from studio.types import ImageBGR
 
@@ -198,8 +199,7 @@ def _forward_rrdbnet(runner: Any, crops: list[ImageBGR]) -> list[ImageBGR]:
         tensor = tensor.half()
     with torch.inference_mode():
         output = runner.model(tensor).float().clamp_(0.0, 1.0).cpu().numpy()  # Nx3x(sH)x(sW) RGB
-    bgr = output[:, ::-1].transpose(0, 2, 3, 1)  # Nx3xHxW RGB -> NxHxWx3 BGR
-    return list(np.round(bgr * 255.0).astype(np.uint8))
+    return [planes_to_bgr(planes) for planes in output]  # each 3xHxW RGB -> HxWx3 uint8 BGR
 
 
 def _forward_realesrgan(runner: Any, crop: ImageBGR, scale: int) -> ImageBGR:

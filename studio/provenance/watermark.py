@@ -38,6 +38,7 @@ import numpy.typing as npt
 
 from studio.config import StudioConfig, WatermarkMethod
 from studio.errors import InputError, StudioError
+from studio.imageio import planes_to_bgr
 from studio.types import ImageBGR
 
 if TYPE_CHECKING:  # onnxruntime loads only when a rivaGan Watermarker is built
@@ -255,8 +256,7 @@ def _prepare_riva_frame(image: ImageBGR) -> npt.NDArray[np.float32]:
 def _forward_riva_encode(session: ort.InferenceSession, image: ImageBGR, bits: Bits) -> ImageBGR:
     data = bits.astype(np.float32)[None]  # 1x32
     (out,) = session.run(None, {"frame": _prepare_riva_frame(image), "data": data})  # 1x3x1xHxW
-    frame = np.clip(out[0, :, 0].transpose(1, 2, 0), -1.0, 1.0)  # HxWx3 BGR in [-1, 1]
-    return np.rint((frame + 1.0) * 127.5).astype(np.uint8)  # HxWx3 uint8 BGR
+    return planes_to_bgr(out[0, :, 0], low=-1.0, rgb=False)  # 3xHxW BGR in [-1, 1] -> HxWx3 uint8 BGR
 
 
 def _forward_riva_decode(session: ort.InferenceSession, image: ImageBGR) -> Bits:

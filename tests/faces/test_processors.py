@@ -20,7 +20,8 @@ import studio.faces.masks as masks
 import studio.faces.upscale as upscale
 from studio.config import FACE_REGION_CLASSES, StudioConfig, load_config
 from studio.errors import ConfigError, InputError
-from studio.faces import load_face_models, refine, refine_models
+from studio.faces import detect, load_face_models, refine, refine_models
+from studio.faces.detect import embed_faces
 from studio.faces.processors import FaceJob
 from studio.faces.select import Cast
 from studio.geometry import estimate_alignment
@@ -250,6 +251,32 @@ def test_identities_on_one_picture_share_its_analysis_and_masks(
     assert first.status == second.status == "ok"
     assert (first.image != second.image).any()
     assert sorted(calls) == ["tiny-bisenet", "tiny-xseg"]  # once per face and crop size, not per identity
+
+
+def test_a_picture_is_aligned_once_per_face_and_crop_layout(
+    studio: Studio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layouts: list[tuple[int, str]] = []
+
+    def counted(landmarks: np.ndarray, size: int, template: str = "arcface") -> np.ndarray:
+        layouts.append((size, template))
+        return estimate_alignment(landmarks, size, template)  # type: ignore[arg-type]
+
+    for module in (analysis, detect):
+        monkeypatch.setattr(module, "estimate_alignment", counted)
+    picture = read_image(_master(tmp_path))
+    picture[0, 0] ^= 1  # pixels no earlier test analysed
+    first, second = (studio.refine(picture, name) for name in ("anna", "kenji"))
+    assert first.status == second.status == "ok"
+    # the 112-px ArcFace crop (embedding, then every QA crop) and the swapper's 128-px crop: once each
+    assert sorted(layouts) == [(112, "arcface"), (128, "arcface")]
+    models = load_face_models(refine_models(studio.config, studio.catalogue), studio.config, studio.cache)
+    kept = analysis.analyse_picture(
+        picture, models.detector, models.recognizer, models.recognizer_sha256, studio.config.refine.detect,
+        studio.cache,
+    )  # fmt: skip
+    assert len(kept.faces) == 1 and len(layouts) == 2  # the analysis the refines shared
+    np.testing.assert_array_equal(kept.embeddings, embed_faces(picture, kept.faces, models.recognizer))
 
 
 # --- a processor is a plug-in -----------------------------------------------------------------------
