@@ -88,9 +88,15 @@ def _output_error(path: Path, err: OSError) -> OutputError:
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:
-    """Remove temp files of ours (own naming only) whose writer is gone: a dead local process, or old."""
+    """Remove temp files of ours (own naming only) whose writer is gone (a dead local process, or old),
+    in ``folder`` and its immediate subfolders (where a run also writes: ``failed-qa/``, ``drafts/``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    with os.scandir(folder) as entries:
+        folders = [folder, *(Path(e.path) for e in entries if e.is_dir(follow_symlinks=False))]
     removed = []
-    for path in Path(folder).glob(f".*{TEMP_MARK}~*") if Path(folder).is_dir() else ():
+    for path in (found for sub in folders for found in sub.glob(f".*{TEMP_MARK}~*")):
         match = _TEMP.match(path.name)
         if match is None or (match["host"] == _HOST and _alive(int(match["pid"]))):
             continue

@@ -32,6 +32,8 @@ from studio.types import ImageBGR
 
 logger = logging.getLogger(__name__)
 
+FAILED_QA_DIR = "failed-qa"  # outputs that failed the QA gate after their re-rolls, apart from the rest
+
 _UNSAFE = re.compile(r"[^\w.+=-]+")
 _MAX_TRIES = 1000
 
@@ -112,7 +114,7 @@ class OutputSink:
             )  # fmt: skip
 
     def sweep(self) -> None:
-        """Remove temp files of ours that killed runs left in the folder."""
+        """Remove temp files of ours that killed runs left in the folder and its immediate subfolders."""
         removed = remove_stale_temps(self.folder)
         if removed:
             logger.info("removed %d stale temp file(s) left by killed runs in %s", len(removed), self.folder)

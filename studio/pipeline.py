@@ -53,7 +53,7 @@ from studio.models.cache import ModelCache
 from studio.models.catalogue import Catalogue
 from studio.models.resolve import ResolvedModel, resolve
 from studio.models.runtime import apply_threads
-from studio.output import OutputSink
+from studio.output import FAILED_QA_DIR, OutputSink
 from studio.prepare import build_draft_request
 from studio.provenance import MARKING_OFF_NOTE, Provenance
 from studio.qa import (
@@ -85,7 +85,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FAILED_QA_DIR = "failed-qa"  # outputs that failed the QA gate after their re-rolls, apart from the rest
 REFINE_SKIPPED = "refine skipped: no --identity given, faces are left as drafted"
 TINY_NOTE = "tiny profile: random-weight models, the pictures are NOT portraits"
 TINY_DETECTOR_NOTE = (

@@ -25,14 +25,14 @@ from studio.batch.store import CampaignStore, ItemRow, worker_name
 from studio.batch.worker import Outcome, Task, Worker
 from studio.errors import RuntimeSetupError, StudioError
 from studio.imageio import read_image
-from studio.output import OutputSink
+from studio.output import FAILED_QA_DIR, OutputSink
 from studio.provenance import Provenance
 from studio.qa import reroll_seed
 from studio.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
-DRAFTS_DIR, OUTPUTS_DIR, FAILED_QA_DIR = "drafts", "outputs", "failed-qa"
+DRAFTS_DIR, OUTPUTS_DIR = "drafts", "outputs"
 Progress = Callable[[Mapping[str, int]], None]  # called with the counts per state after every change
 
 
@@ -81,7 +81,7 @@ def run_items(
     start = time.perf_counter()
     # 1. a killed run's leftovers: running attempts become interrupted, stale temp files go
     sink = OutputSink(folder, provenance=provenance)
-    for sub in ("", DRAFTS_DIR, OUTPUTS_DIR):
+    for sub in ("", OUTPUTS_DIR):  # each sweep reaches one level down: drafts/, outputs/<job>/, failed-qa/
         OutputSink(folder / sub).sweep()
     store.recover()
     summary = RunSummary(store.counts())

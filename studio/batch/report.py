@@ -25,13 +25,13 @@ from urllib.parse import quote
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from studio.batch.engine import FAILED_QA_DIR
 from studio.batch.export import axis_names, safe_name
 from studio.batch.manifest import Job, Manifest
 from studio.batch.store import STATES, ItemRow
 from studio.errors import StudioError
 from studio.files import atomic_writer
 from studio.imageio import DEFAULT_MAX_PIXELS, from_pil, read_image, to_pil, write_image
+from studio.output import FAILED_QA_DIR
 
 if TYPE_CHECKING:
     from studio.batch.campaign import Campaign, ReportFiles

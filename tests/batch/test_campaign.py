@@ -16,6 +16,7 @@ import cv2
 import pytest
 from skimage import data
 
+from studio import files
 from studio.batch.campaign import Campaign
 from studio.batch.engine import Crash, run_items
 from studio.batch.manifest import ManifestError, load_manifest
@@ -23,6 +24,7 @@ from studio.batch.store import CampaignStore
 from studio.batch.worker import Outcome, Task, Worker
 from studio.config import config_to_dict, load_config
 from studio.faces.identity import IdentityLibrary
+from studio.files import TEMP_MARK
 from studio.imageio import read_metadata, write_image
 from studio.pipeline import TINY_NOTE, Studio
 from studio.qa import NO_CONTENT_CHECK_NOTE, reroll_seed
@@ -305,6 +307,35 @@ def test_kill_9_at_random_points_loses_and_duplicates_nothing(enrolled: list[str
     drafts = list((campaign.folder / "drafts").glob("*.png"))
     assert len(drafts) == len({row.draft_key for row in rows})
     assert not [p for p in campaign.folder.rglob("*") if "~studio-tmp~" in p.name]  # no partial file
+
+
+class _IdlePool:
+    """A pool for a campaign with nothing pending: handed no task."""
+
+    size = 1
+
+    def submit(self, task: Task) -> None:
+        raise AssertionError(f"no task was expected, got {task}")
+
+    def next(self) -> Outcome | Crash:
+        raise AssertionError("no task was submitted")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_run_removes_temp_files_killed_writers_left_in_every_campaign_folder(tmp_path: Path) -> None:
+    """A writer killed mid-file leaves its temp file where the output was going: a job's folder under
+    outputs/ (two levels down), failed-qa/, drafts/. The next run removes them all; a live writer's stays."""
+    folder = tmp_path / "campaigns" / "c"
+    subs = ["", "drafts", "outputs/faces", "outputs/failed-qa"]
+    dead = [folder / sub / f".x.png{TEMP_MARK}~{files._HOST}~999999~abc" for sub in subs]  # no such pid
+    live = folder / "outputs" / "faces" / f".y.png{TEMP_MARK}~{files._HOST}~{os.getpid()}~abc"
+    for path in [*dead, live]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+    run_items(CampaignStore(folder / "campaign.sqlite"), folder, _IdlePool(), max_rerolls=0)
+    assert [p for p in dead if p.exists()] == [] and live.exists()
 
 
 def _done(path: Path) -> int:
